@@ -1,0 +1,25 @@
+"""jax-nvfp4: NVFP4 MoE weights in the TensorRT-LLM / flashinfer layout, prepared in JAX, in place.
+
+Public API
+----------
+prepare(params, *, gated, donate, backend)
+    Every MoE layer of a params pytree, to the layout of flashinfer's
+    ``trtllm_fp4_block_scale_moe``.
+prepare_layer / unprepare_layer
+    One layer's four arrays, to the layout and back.
+PreparedLayer, is_prepared
+    The mark of a prepared layer.
+"""
+
+from ._prepare import prepare_layer, unprepare_layer
+from ._tree import PreparedLayer, is_prepared, prepare
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PreparedLayer",
+    "is_prepared",
+    "prepare",
+    "prepare_layer",
+    "unprepare_layer",
+]

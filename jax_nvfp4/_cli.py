@@ -1,0 +1,44 @@
+"""``python -m jax_nvfp4``: one sub-command per module, imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module with configure(parser) and run(args) -> int, one-line help)
+COMMANDS = {
+    "demo": ("jax_nvfp4._demo", "prepare a synthetic DeepSeek-V3-shaped layer and check it"),
+}
+
+
+class UserError(Exception):
+    """An error the user can act on: printed without a traceback, exit code 2."""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jax_nvfp4",
+        description="NVFP4 MoE weights in the TensorRT-LLM / flashinfer layout, prepared in JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        # Only the chosen command's module is imported (they pull in heavy deps).
+        if name == chosen:
+            importlib.import_module(module).configure(p)
+    args = parser.parse_args(argv)
+    run = importlib.import_module(COMMANDS[args.command][0]).run
+    try:
+        return run(args)
+    except (UserError, ValueError, TypeError, OSError) as e:
+        if os.environ.get("JAX_NVFP4_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

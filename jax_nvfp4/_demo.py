@@ -1,0 +1,96 @@
+"""``python -m jax_nvfp4 demo``: prepare a synthetic DeepSeek-V3-shaped layer, check and time it."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _reference
+from ._prepare import _compiled, experts_per_chunk, prepare_layer, unprepare_layer
+from ._spec import SCALE_DTYPE, LayerSpec, check_arrays
+
+
+def configure(p):
+    p.add_argument("--experts", type=int, default=None,
+                   help="experts E (default: 8 on CPU, up to 256 to fit a GPU)")
+    p.add_argument("--hidden", type=int, default=7168, help="hidden size H (default 7168)")
+    p.add_argument("--intermediate", type=int, default=2048,
+                   help="intermediate size I per expert (default 2048)")
+    p.add_argument("--not-gated", dest="gated", action="store_false",
+                   help="w13 holds I rows (no gated activation)")
+    p.add_argument("--chunk-mib", type=float, default=None,
+                   help="scratch budget of the in-place loop in MiB (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+
+
+def _default_experts(spec_for_one: LayerSpec, device) -> int:
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return 8
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return int(max(1, min(256, 0.4 * free // spec_for_one.nbytes)))
+
+
+def random_layer(spec: LayerSpec, key):
+    """Fresh random bytes for the four arrays (never zeros), scales as float8_e4m3fn."""
+    keys = jax.random.split(key, 4)
+    out = [jax.random.bits(k, s, jnp.uint8) for k, s in zip(keys, spec.shapes(padded=False))]
+    out[1], out[3] = (jax.lax.bitcast_convert_type(s, SCALE_DTYPE) for s in (out[1], out[3]))
+    return out
+
+
+def run(args) -> int:
+    device = jax.devices()[0]
+    one = LayerSpec(1, args.hidden, args.intermediate, args.gated)
+    e = args.experts or _default_experts(one, device)
+    spec = LayerSpec(e, args.hidden, args.intermediate, args.gated)
+    seed = args.seed if args.seed is not None else int(time.time_ns() % 2**31)
+    chunk_bytes = None if args.chunk_mib is None else int(args.chunk_mib * 2**20)
+    print(f"device: {device.device_kind} ({device.platform})")
+    print(f"layer: E={e} H={spec.hidden} I={spec.intermediate} gated={spec.gated}, "
+          f"{spec.nbytes / 2**30:.3f} GiB, seed {seed}")
+    chunks = experts_per_chunk(spec, chunk_bytes)
+    abstract = [jax.ShapeDtypeStruct(s, d) for s, d in
+                zip(spec.shapes(padded=False), (jnp.uint8, SCALE_DTYPE) * 2)]
+    check_arrays(abstract, gated=spec.gated)  # refuse bad sizes before any work
+    scratch = _compiled(spec, False, True, chunks).lower(*abstract).compile()
+    scratch = scratch.memory_analysis().temp_size_in_bytes
+    in_place = not spec.needs_padding
+
+    # Warm up (compile) on one random layer, then time a second one.
+    t0 = time.perf_counter()
+    warmup = random_layer(spec, jax.random.key(seed + 1))
+    jax.block_until_ready(prepare_layer(*warmup, gated=spec.gated, chunk_bytes=chunk_bytes))
+    first = time.perf_counter() - t0
+    del warmup
+
+    layer = random_layer(spec, jax.random.key(seed))
+    # The reference runs on a few experts (all of them when small): it is numpy and slow.
+    pick = np.unique(np.random.default_rng(seed).integers(0, e, size=min(e, 4)))
+    host = [np.asarray(x).view(np.uint8)[pick] for x in layer]
+    for x, name in zip(layer, ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")):
+        print(f"  {name:17s} {str(x.dtype):14s} {list(x.shape)}")
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(prepare_layer(*layer, gated=spec.gated, chunk_bytes=chunk_bytes))
+    warm = time.perf_counter() - t0
+
+    want = _reference.prepare_layer(*host, gated=spec.gated)
+    bad = [n for n, o, w in zip(("w13", "w13_scale", "w2", "w2_scale"), out, want)
+           if not np.array_equal(np.asarray(o).view(np.uint8)[pick], w)]
+    moved = 2 * spec.nbytes  # each byte read once and written once
+    how = "in place" if in_place else f"padded to I={spec.padded_i} (new buffers)"
+    print(f"prepared {how}: {warm * 1e3:.2f} ms ({first * 1e3:.0f} ms for the first call, "
+          f"with compilation), {moved / 2**30:.3f} GiB moved, {moved / warm / 1e9:.1f} GB/s")
+    print(f"outputs: {[list(o.shape) for o in out]}")
+    if in_place:
+        print(f"extra device memory (XLA scratch): {scratch / 2**20:.1f} MiB "
+              f"= {100 * scratch / spec.nbytes:.2f}% of the layer")
+    print(f"inputs donated: {all(x.is_deleted() for x in layer)}")
+    if bad:
+        print(f"MISMATCH against the numpy reference in {bad} (experts {pick.tolist()})")
+        return 1
+    print(f"check: bit-exact against the independent numpy reference (experts {pick.tolist()})")
+    return 0

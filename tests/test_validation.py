@@ -1,0 +1,138 @@
+"""Bad input is refused before anything is donated, with a message that names the array."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_nvfp4
+from helpers import random_layer, to_jax
+
+
+def _assert_alive(layer):
+    assert not any(x.is_deleted() for x in layer)
+
+
+def _replace(layer, k, x):
+    layer = list(layer)
+    layer[k] = x
+    return layer
+
+
+@pytest.fixture
+def layer(rng):
+    return to_jax(random_layer(rng, 2, 256, 128))
+
+
+BAD_SHAPES = [
+    (0, (2, 256), "w13_weight", "rank 3"),
+    (1, (2, 256, 16, 1), "w13_weight_scale", "rank 3"),
+    (1, (3, 256, 16), "w13_weight_scale", "expected 2 experts"),
+    (2, (2, 384, 64), "w2_weight", "hidden size 256"),
+    (3, (2, 256, 4), "w2_weight_scale", "expected shape [2, 256, 8]"),
+    (1, (2, 256, 32), "w13_weight_scale", "expected shape [2, 256, 16]"),
+    (0, (2, 192, 128), "w13_weight", "2 x I = 256 rows"),
+]
+
+
+@pytest.mark.parametrize("k, shape, name, rule", BAD_SHAPES)
+def test_bad_shapes_are_refused_naming_the_array(layer, rng, k, shape, name, rule):
+    dtype = layer[k].dtype
+    bad = jnp.asarray(rng.integers(0, 256, size=shape, dtype=np.uint8)).view(dtype)
+    args = _replace(layer, k, bad)
+    with pytest.raises(ValueError) as err:
+        jax_nvfp4.prepare_layer(*args)
+    assert name in str(err.value) and rule in str(err.value)
+    _assert_alive(args)
+
+
+@pytest.mark.parametrize("k, dtype, name", [
+    (0, jnp.int8, "w13_weight"),
+    (2, jnp.float8_e4m3fn, "w2_weight"),
+    (1, jnp.bfloat16, "w13_weight_scale"),
+    (3, jnp.float8_e5m2, "w2_weight_scale"),
+])
+def test_bad_dtypes_are_type_errors(layer, k, dtype, name):
+    args = _replace(layer, k, layer[k].astype(dtype))
+    with pytest.raises(TypeError, match=name):
+        jax_nvfp4.prepare_layer(*args)
+    _assert_alive(args)
+
+
+def test_hidden_not_multiple_of_128(rng):
+    layer = to_jax(random_layer(rng, 2, 192, 128))
+    with pytest.raises(ValueError, match=r"H = 2 x shape\[2\] = 192 must be a multiple of 128"):
+        jax_nvfp4.prepare_layer(*layer)
+    _assert_alive(layer)
+
+
+def test_intermediate_not_multiple_of_16(rng):
+    e, h, i = 2, 128, 24
+    arrays = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in
+              [(e, 2 * i, h // 2), (e, 2 * i, h // 16), (e, h, i // 2), (e, h, 2)]]
+    layer = to_jax(arrays)
+    with pytest.raises(ValueError, match="I = 2 x shape.2. = 24 must be a multiple of 16"):
+        jax_nvfp4.prepare_layer(*layer)
+    _assert_alive(layer)
+
+
+def test_gated_mismatch_suggests_the_flag(rng):
+    layer = to_jax(random_layer(rng, 2, 128, 128, gated=False))
+    with pytest.raises(ValueError, match="pass gated=False"):
+        jax_nvfp4.prepare_layer(*layer)
+    _assert_alive(layer)
+
+
+@pytest.mark.parametrize("kwargs, error, text", [
+    ({"backend": "cuda"}, ValueError, "backend must be one of"),
+    ({"chunk_bytes": 0}, ValueError, "chunk_bytes must be a positive int"),
+    ({"chunk_bytes": 1.5}, ValueError, "chunk_bytes must be a positive int"),
+    ({"gated": 1}, TypeError, "gated must be a bool"),
+    ({"donate": "yes"}, TypeError, "donate must be a bool"),
+])
+def test_bad_options(layer, kwargs, error, text):
+    with pytest.raises(error, match=text):
+        jax_nvfp4.prepare_layer(*layer, **kwargs)
+    _assert_alive(layer)
+
+
+def test_options_are_keyword_only(layer):
+    with pytest.raises(TypeError):
+        jax_nvfp4.prepare_layer(*layer, True)
+    _assert_alive(layer)
+
+
+def test_not_an_array(layer):
+    with pytest.raises(TypeError, match="w2_weight: expected an array, got list"):
+        jax_nvfp4.prepare_layer(layer[0], layer[1], [[1]], layer[3])
+    _assert_alive(layer)
+
+
+def test_deleted_input_is_named(layer):
+    layer[2].delete()
+    with pytest.raises(ValueError, match="w2_weight has been deleted"):
+        jax_nvfp4.prepare_layer(*layer)
+    assert not layer[0].is_deleted()
+
+
+def test_preparing_twice_is_refused(layer):
+    out = jax_nvfp4.prepare_layer(*layer)
+    with pytest.raises(ValueError, match="already in the TRT-LLM layout"):
+        jax_nvfp4.prepare_layer(*out)
+    _assert_alive(out)
+
+
+def test_same_array_twice_is_refused(rng):
+    # Non-gated with I == H is the one layer where w13 and w2 share a shape.
+    layer = to_jax(random_layer(rng, 2, 128, 128, gated=False))
+    with pytest.raises(ValueError, match="distinct"):
+        jax_nvfp4.prepare_layer(layer[0], layer[1], layer[0], layer[3], gated=False)
+    _assert_alive(layer)
+
+
+def test_unprepare_refuses_unpadded_sizes(rng):
+    layer = to_jax(random_layer(rng, 2, 128, 96))
+    with pytest.raises(ValueError, match="not a prepared size"):
+        jax_nvfp4.unprepare_layer(*layer)
+    _assert_alive(layer)
