@@ -18,3 +18,95 @@ def random_layer(rng: np.random.Generator, experts: int, hidden: int, intermedia
     """
     spec = LayerSpec(experts, hidden, intermediate, gated)
     return [rng.integers(0, 256, size=s, dtype=np.uint8) for s in spec.shapes(padded=False)]
+
+
+def write_checkpoint(path, *, naming: str = "qwen3", layers: int = 2, experts: int = 4,
+                     hidden: int = 256, intermediate: int = 64, shards: int = 3,
+                     seed: int | None = None, quant_algo: str = "NVFP4") -> dict[str, np.ndarray]:
+    """Write a small synthetic ModelOpt NVFP4 MoE checkpoint (random bytes, never all zeros).
+
+    The directory ``path`` gets ``config.json`` (``quantization_config``: quant_method
+    "modelopt", ``quant_algo``, group_size 16), ``hf_quant_config.json``,
+    ``model.safetensors.index.json`` and ``shards`` safetensors files. Tensors use the
+    real names and dtypes: per expert ``e`` of layer ``L`` and projection ``p``,
+    ``model.layers.{L}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}`` (``naming="qwen3"``)
+    or ``model.layers.{L}.block_sparse_moe.experts.{e}.{w1,w3,w2}`` (``"mixtral"``) with
+    ``.weight`` uint8 ``[rows, cols/2]``, ``.weight_scale`` F8_E4M3 ``[rows, cols/16]``,
+    ``.weight_scale_2`` and ``.input_scale`` float32 scalars. Tensors are dealt to the
+    shards in turn, so one expert's tensors sit in different shards. Non-MoE tensors
+    (embeddings, attention, norms, router; with ``"qwen3"`` an NVFP4 shared expert) are
+    included. Sizes are not validated, so bad checkpoints can be made too.
+
+    Returns every tensor written, by name (float8 as ``ml_dtypes.float8_e4m3fn``).
+    """
+    import json
+    from pathlib import Path
+
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from ._checkpoint import INDEX, NAMINGS
+
+    if naming not in NAMINGS:
+        raise ValueError(f"naming must be one of {sorted(NAMINGS)}, got {naming!r}")
+    rng = np.random.default_rng(seed)
+    h, i, vocab = hidden, intermediate, 64
+    f8 = ml_dtypes.float8_e4m3fn
+
+    def u8(*shape):
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+    def bf16(*shape):
+        return rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+
+    def nvfp4(prefix, rows, cols):
+        return {f"{prefix}.weight": u8(rows, cols // 2),
+                f"{prefix}.weight_scale": u8(rows, cols // 16).view(f8),
+                f"{prefix}.weight_scale_2": rng.uniform(1e-4, 1e-2, ()).astype(np.float32),
+                f"{prefix}.input_scale": rng.uniform(1e-3, 1e-1, ()).astype(np.float32)}
+
+    gate, up, down = NAMINGS[naming]
+    moe = "mlp" if naming == "qwen3" else "block_sparse_moe"
+    tensors = {"model.embed_tokens.weight": bf16(vocab, h)}
+    for layer in range(layers):
+        p = f"model.layers.{layer}"
+        tensors[f"{p}.input_layernorm.weight"] = bf16(h)
+        tensors[f"{p}.self_attn.q_proj.weight"] = bf16(h, h)
+        tensors[f"{p}.self_attn.o_proj.weight"] = bf16(h, h)
+        tensors[f"{p}.{moe}.gate.weight"] = bf16(experts, h)  # the router
+        for e in range(experts):
+            x = f"{p}.{moe}.experts.{e}"
+            tensors.update(nvfp4(f"{x}.{gate}", i, h))
+            tensors.update(nvfp4(f"{x}.{up}", i, h))
+            tensors.update(nvfp4(f"{x}.{down}", h, i))
+        if naming == "qwen3":
+            for proj, rows, cols in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+                tensors.update(nvfp4(f"{p}.mlp.shared_expert.{proj}", rows, cols))
+            tensors[f"{p}.mlp.shared_expert_gate.weight"] = bf16(1, h)
+    tensors["model.norm.weight"] = bf16(h)
+    tensors["lm_head.weight"] = bf16(vocab, h)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    files = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    weight_map = {name: files[k % shards] for k, name in enumerate(tensors)}
+    for file in files:
+        save_file({n: x for n, x in tensors.items() if weight_map[n] == file}, path / file,
+                  metadata={"format": "pt"})
+    total = sum(x.nbytes for x in tensors.values())
+    (path / INDEX).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    quant = {"quant_algo": quant_algo, "kv_cache_quant_algo": None, "group_size": 16,
+             "exclude_modules": ["lm_head"]}
+    arch, sizes = (("Qwen3MoeForCausalLM", {"model_type": "qwen3_moe", "num_experts": experts,
+                                             "moe_intermediate_size": i})
+                   if naming == "qwen3" else
+                   ("MixtralForCausalLM", {"model_type": "mixtral", "num_local_experts": experts,
+                                           "intermediate_size": i}))
+    config = {"architectures": [arch], **sizes, "hidden_size": h, "num_hidden_layers": layers,
+              "vocab_size": vocab, "torch_dtype": "bfloat16",
+              "quantization_config": {"quant_method": "modelopt", **quant}}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "hf_quant_config.json").write_text(json.dumps(
+        {"producer": {"name": "modelopt", "version": "0.29.0"}, "quantization": quant}, indent=2))
+    return tensors

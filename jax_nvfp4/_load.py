@@ -1,0 +1,187 @@
+"""load(path): a ModelOpt NVFP4 checkpoint to JAX params, layer by layer, expert by expert.
+
+Each MoE layer's four stacked arrays are allocated once on device and filled
+one expert at a time by a jitted, donated ``dynamic_update_slice`` (the
+expert index is traced, so it compiles once), then prepared in place. The
+host holds one expert's tensors at a time; the device holds the params loaded
+so far plus one layer's scratch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _marks
+from ._checkpoint import SCALE_NAMES, Checkpoint, MoELayer, open_checkpoint
+from ._prepare import prepare_layer
+from ._spec import NAMES, SCALE_DTYPE
+from ._tree import PreparedLayer
+
+_DTYPES = (jnp.uint8, SCALE_DTYPE, jnp.uint8, SCALE_DTYPE)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write(buf, x, expert, row):
+    """``buf[expert, row:row + len(x)] = x`` in place (``expert`` and ``row`` are traced)."""
+    return lax.dynamic_update_slice(buf, x[None], (expert, row, 0))
+
+
+def _targets(sharding, shapes) -> list[tuple[object, int, int]]:
+    """``[(device or None, first expert, end)]``: where each expert of the layer goes."""
+    if sharding is None:
+        return [(None, 0, shapes[0][0])]
+    maps = [sharding.addressable_devices_indices_map(s) for s in shapes]
+    out = []
+    for device, index in maps[0].items():
+        e0, e1, step = index[0].indices(shapes[0][0])
+        for m, shape in zip(maps, shapes):
+            ok = m[device][0].indices(shape[0]) == (e0, e1, step) and all(
+                s.indices(n) == (0, n, 1) for s, n in zip(m[device][1:], shape[1:]))
+            if step != 1 or not ok:
+                raise ValueError(
+                    f"sharding {sharding} must split only axis 0 (the experts) of the MoE "
+                    f"arrays, e.g. NamedSharding(mesh, P('expert')); it gives {device} the "
+                    f"block {m[device]} of shape {shape}")
+        out.append((device, e0, e1))
+    return out
+
+
+def _replicated(sharding):
+    """Where non-MoE tensors go: every device of ``sharding``, replicated (or the default)."""
+    if sharding is None:
+        return None
+    devices = np.array(sorted(sharding.device_set, key=lambda d: d.id))
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("devices",)),
+                                      jax.sharding.PartitionSpec())
+
+
+def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=None,
+               progress=None) -> dict:
+    """One MoE layer of ``ckpt`` as a mapping of its eight arrays, on device.
+
+    ``prepare`` runs :func:`prepare_layer` on the filled buffers (in place). A layer
+    of a prepared checkpoint comes back as a :class:`PreparedLayer` with its arrays
+    marked. ``progress(nbytes)`` is called after each tensor read.
+    """
+    shapes = layer.spec.shapes(padded=False)
+    targets = _targets(sharding, shapes)
+    bufs = {t: [jnp.zeros((t[2] - t[1], *s[1:]), dt, device=t[0]) for s, dt in
+                zip(shapes, _DTYPES)] for t in targets}
+    for e in range(layer.spec.experts):
+        for k, array in enumerate(NAMES):
+            for tensor, index, row in layer.parts(array, e):
+                x = ckpt.read(tensor, index)
+                for (device, e0, e1), b in bufs.items():
+                    if e0 <= e < e1:
+                        b[k] = _write(b[k], jax.device_put(x, device), e - e0, row)
+                if progress:
+                    progress(x.nbytes)
+                del x
+    if sharding is None:
+        arrays = bufs[targets[0]]
+    else:
+        arrays = [jax.make_array_from_single_device_arrays(s, sharding, [bufs[t][k] for t in targets])
+                  for k, s in enumerate(shapes)]
+    del bufs
+    scales = {n: jax.device_put(x, sharding) for n, x in ckpt.scales(layer).items()}
+    if layer.prepared:
+        _marks.mark(*arrays)
+        out = PreparedLayer(zip(NAMES, arrays))
+    elif prepare:
+        out = PreparedLayer(zip(NAMES, prepare_layer(*arrays, gated=True)))
+    else:
+        out = dict(zip(NAMES, arrays))
+    out.update((n, scales[n]) for n in SCALE_NAMES)
+    return out
+
+
+def _nest(flat: dict) -> dict:
+    """``{"a.b.c": x}`` -> ``{"a": {"b": {"c": x}}}``; refuses names that clash."""
+    root: dict = {}
+    for name, value in flat.items():
+        *path, leaf = name.split(".")
+        node = root
+        for depth, key in enumerate(path):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"tensor {name!r} clashes with tensor "
+                                 f"{'.'.join(path[:depth + 1])!r}")
+        if leaf in node:
+            raise ValueError(f"tensor {name!r} clashes with the tensors under it")
+        node[leaf] = value
+    return root
+
+
+def load(path, *, prepare: bool = True, sharding=None, layers=None) -> dict:
+    """Load a ModelOpt NVFP4 MoE checkpoint as JAX params, MoE layers prepared for the kernel.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Checkpoint directory: ``config.json`` / ``hf_quant_config.json`` saying
+        ModelOpt NVFP4 and safetensors shards with ``model.safetensors.index.json``
+        (or one ``model.safetensors``); or a checkpoint written by
+        ``python -m jax_nvfp4 convert``. Expert naming (Qwen3-MoE/DeepSeek
+        ``...mlp.experts.{e}.{gate,up,down}_proj``, Mixtral
+        ``...block_sparse_moe.experts.{e}.{w1,w3,w2}``) is detected.
+    prepare : bool, keyword-only
+        Prepare each MoE layer for ``trtllm_fp4_block_scale_moe`` right after it is
+        loaded, in place (see :func:`prepare_layer`). With ``False`` the layers stay
+        in the checkpoint layout, ready for :func:`prepare`. A prepared checkpoint
+        must be loaded with ``False``; its layers come back marked as prepared.
+    sharding : jax.sharding.Sharding, optional, keyword-only
+        Sharding of the MoE arrays along their expert axis (axis 0), e.g.
+        ``NamedSharding(mesh, P("expert"))``: each device receives only its own
+        experts. Other tensors are replicated on the sharding's devices. Default:
+        everything on the default device.
+    layers : iterable of int, optional, keyword-only
+        Decoder layers ``model.layers.{L}`` to load (default all); tensors outside
+        the layers (embeddings, final norm, lm_head) are always loaded.
+
+    Returns
+    -------
+    dict
+        Nested dicts following the dotted tensor names, e.g.
+        ``params["model"]["layers"]["3"]["mlp"]["experts"]``. Each experts mapping
+        holds ``w13_weight`` (rows ``[up; gate]``), ``w13_weight_scale``,
+        ``w2_weight``, ``w2_weight_scale`` (shapes and layout as in
+        :func:`prepare_layer`), float32 ``w13_weight_scale_2`` and ``w13_input_scale``
+        ``[E, 2]`` (columns gate, up) and ``w2_weight_scale_2``, ``w2_input_scale``
+        ``[E]``; it is a :class:`PreparedLayer` when prepared. Other tensors are
+        passed through unchanged as JAX arrays.
+
+    Raises
+    ------
+    ValueError
+        The checkpoint is invalid (the message names the file and tensor: missing
+        or truncated shard, missing expert tensor, inconsistent shapes, not NVFP4,
+        ``H % 128 != 0``); a prepared checkpoint with ``prepare=True``; a sharding
+        that splits more than the expert axis. Everything is checked before
+        anything is loaded.
+    """
+    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+        raise TypeError(f"sharding must be a jax.sharding.Sharding, got {type(sharding).__name__}")
+    if not isinstance(prepare, bool):
+        raise TypeError(f"prepare must be a bool, got {prepare!r}")
+    with open_checkpoint(path) as ckpt:
+        if ckpt.prepared and prepare:
+            raise ValueError(
+                f"{path} is already prepared (converted by jax_nvfp4; see its "
+                "jax_nvfp4.json): load it with prepare=False")
+        groups = ckpt.groups(layers)
+        for _, moe, _ in groups:
+            for layer in moe:
+                _targets(sharding, layer.spec.shapes(padded=False))
+        others = _replicated(sharding)
+        flat = {}
+        for _, moe, names in groups:
+            for name in names:
+                flat[name] = jax.device_put(ckpt.read(name), others)
+            for layer in moe:
+                flat[layer.prefix] = load_layer(ckpt, layer, prepare=prepare, sharding=sharding)
+    return _nest(flat)
