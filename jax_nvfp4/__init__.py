@@ -9,16 +9,20 @@ prepare_layer / unprepare_layer
     One layer's four arrays, to the layout and back.
 PreparedLayer, is_prepared
     The mark of a prepared layer.
+load(path, *, prepare, sharding, layers)
+    A ModelOpt NVFP4 checkpoint (or a prepared one) as JAX params, streamed layer by layer.
 """
 
 from ._prepare import prepare_layer, unprepare_layer
 from ._tree import PreparedLayer, is_prepared, prepare
+from ._load import load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PreparedLayer",
     "is_prepared",
+    "load",
     "prepare",
     "prepare_layer",
     "unprepare_layer",

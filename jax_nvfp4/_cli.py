@@ -10,6 +10,8 @@ import sys
 # name -> (module with configure(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "demo": ("jax_nvfp4._demo", "prepare a synthetic DeepSeek-V3-shaped layer and check it"),
+    "convert": ("jax_nvfp4._convert", "write a ModelOpt NVFP4 checkpoint as a prepared one"),
+    "inspect": ("jax_nvfp4._inspect", "show what a checkpoint holds (naming, layers, sizes)"),
 }
 
 

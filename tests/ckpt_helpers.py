@@ -1,0 +1,78 @@
+"""Helpers for the checkpoint tests: stacking a synthetic checkpoint's experts, editing shards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from jax_nvfp4._checkpoint import INDEX, NAMINGS
+
+MOE = {"qwen3": "mlp", "mixtral": "block_sparse_moe"}
+
+
+def prefix(naming: str, layer: int) -> str:
+    return f"model.layers.{layer}.{MOE[naming]}.experts"
+
+
+def stacked(tensors: dict, naming: str, layer: int, experts: int) -> list[np.ndarray]:
+    """The layer's ``[w13 ([up; gate]), w13 scale, w2, w2 scale]`` stacked from the expert tensors."""
+    gate, up, down = NAMINGS[naming]
+    p = prefix(naming, layer)
+
+    def get(e, proj, field):
+        return tensors[f"{p}.{e}.{proj}.{field}"].view(np.uint8)
+
+    def w13(field):
+        return np.stack([np.concatenate([get(e, up, field), get(e, gate, field)])
+                         for e in range(experts)])
+
+    def w2(field):
+        return np.stack([get(e, down, field) for e in range(experts)])
+
+    return [w13("weight"), w13("weight_scale"), w2("weight"), w2("weight_scale")]
+
+
+def scalars(tensors: dict, naming: str, layer: int, experts: int) -> dict[str, np.ndarray]:
+    gate, up, down = NAMINGS[naming]
+    p = prefix(naming, layer)
+
+    def col(proj, field):
+        return np.array([tensors[f"{p}.{e}.{proj}.{field}"] for e in range(experts)], np.float32)
+
+    return {"w13_weight_scale_2": np.stack([col(gate, "weight_scale_2"),
+                                            col(up, "weight_scale_2")], 1),
+            "w13_input_scale": np.stack([col(gate, "input_scale"), col(up, "input_scale")], 1),
+            "w2_weight_scale_2": col(down, "weight_scale_2"),
+            "w2_input_scale": col(down, "input_scale")}
+
+
+def shard_of(path: Path, name: str) -> Path:
+    return Path(path) / json.loads((Path(path) / INDEX).read_text())["weight_map"][name]
+
+
+def rewrite(path: Path, tensors: dict, changes: dict, *, index: bool = False):
+    """Rewrite the shards holding ``changes`` (name -> new array, or None to drop it).
+
+    With ``index=True`` dropped tensors also leave the index.
+    """
+    path = Path(path)
+    data = json.loads((path / INDEX).read_text())
+    wm = data["weight_map"]
+    for file in {wm[n] for n in changes}:
+        new = {n: changes.get(n, x) for n, x in tensors.items() if wm[n] == file}
+        save_file({n: x for n, x in new.items() if x is not None}, path / file)
+    if index:
+        for n, x in changes.items():
+            if x is None:
+                del wm[n]
+        (path / INDEX).write_text(json.dumps(data))
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jax_nvfp4", *args], capture_output=True,
+                          text=True, timeout=timeout)
