@@ -123,7 +123,7 @@ def _umask() -> int:
 
 def _save(tensors: dict, path: Path, metadata: dict):
     from safetensors.numpy import save_file  # noqa: PLC0415
-    save_file({n: np.ascontiguousarray(x) for n, x in tensors.items()}, path, metadata=metadata)
+    save_file({n: np.asarray(x, order="C") for n, x in tensors.items()}, path, metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; make it like the copied files
 
 

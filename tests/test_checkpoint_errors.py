@@ -1,0 +1,87 @@
+"""Bad checkpoints: each gives a clear error naming the file and tensor, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+import jax_nvfp4
+from jax_nvfp4 import _cli
+from jax_nvfp4._checkpoint import INDEX
+from jax_nvfp4.testing import write_checkpoint
+from ckpt_helpers import cli, rewrite, shard_of
+
+P = "model.layers.1.mlp.experts"
+
+
+def _corrupt(case, path, tensors):
+    """Break the checkpoint at ``path``; returns regexes the error must match."""
+    name = f"{P}.2.up_proj.weight_scale"
+    shard = shard_of(path, name)
+    if case == "missing shard":
+        shard.unlink()
+        return [str(shard), "shard not found"]
+    if case == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:-100])
+        return [str(shard), "truncated"]
+    if case == "tensor missing from the index":
+        rewrite(path, tensors, {name: None}, index=True)
+        return [str(path / INDEX), name, "missing", "expert 2"]
+    if case == "tensor missing from its shard":
+        rewrite(path, tensors, {name: None})
+        return [str(shard), name, "not in this shard"]
+    if case == "inconsistent shapes":
+        name = f"{P}.3.down_proj.weight"
+        rewrite(path, tensors, {name: tensors[name][:, :16]})
+        return [str(shard_of(path, name)), name, r"expected shape \[256, 32\]", r"\[256, 16\]"]
+    if case == "wrong dtype":
+        name = f"{P}.1.gate_proj.weight_scale"
+        rewrite(path, tensors, {name: tensors[name].view(np.uint8)})
+        return [str(shard_of(path, name)), name, "expected dtype F8_E4M3, got U8"]
+    if case == "unsupported quant_algo":
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"]["quant_algo"] = "FP8"
+        (path / "config.json").write_text(json.dumps(config))
+        return [str(path / "config.json"), "quant_algo is 'FP8'", "only 'NVFP4'"]
+    raise AssertionError(case)
+
+
+CASES = ["missing shard", "truncated shard", "tensor missing from the index",
+         "tensor missing from its shard", "inconsistent shapes", "wrong dtype",
+         "unsupported quant_algo"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_checkpoint(tmp_path, rng, capsys, case):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tensors = write_checkpoint(src, layers=2, experts=4, seed=int(rng.integers(2**31)))
+    patterns = _corrupt(case, src, tensors)
+    with pytest.raises(ValueError) as info:
+        jax_nvfp4.load(src)
+    for pat in patterns:
+        assert pat in str(info.value) or re.search(pat, str(info.value)), (pat, info.value)
+    # the CLI: the same message, no traceback, exit 2, no DST
+    assert _cli.main(["convert", "--quiet", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(info.value) in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_hidden_not_a_multiple_of_128(tmp_path, rng):
+    write_checkpoint(tmp_path, layers=1, experts=2, hidden=192, seed=int(rng.integers(2**31)))
+    name = "model.layers.0.mlp.experts.0.gate_proj.weight"
+    r = cli("convert", str(tmp_path), str(tmp_path.parent / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(shard_of(tmp_path, name)) in r.stderr and name in r.stderr
+    assert "hidden size H = 2 x shape[1] = 192 must be a multiple of 128" in r.stderr
+    assert not (tmp_path.parent / "out").exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="neither model.safetensors.index.json nor"):
+        jax_nvfp4.load(tmp_path)
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        jax_nvfp4.load(tmp_path / "nope")
