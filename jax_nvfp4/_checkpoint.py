@@ -183,7 +183,7 @@ class Checkpoint:
         return end - begin
 
     def read(self, name: str, index: int | None = None) -> np.ndarray:
-        """Tensor ``name`` (or expert ``index`` of a stacked tensor) as numpy; float8 via ml_dtypes."""
+        """Tensor ``name`` (or expert ``index`` of a stacked one) as numpy; float8 via ml_dtypes."""
         return self.shards[self.weight_map[name]].read(name, index)
 
     def scales(self, layer: MoELayer) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""``python -m jax_nvfp4 convert SRC DST``: write a prepared checkpoint, one decoder layer at a time.
+"""``python -m jax_nvfp4 convert SRC DST``: a prepared checkpoint, one decoder layer at a time.
 
 Each decoder layer becomes one output shard: its MoE layers loaded and
 prepared on the default device by the loader's machinery, its other tensors

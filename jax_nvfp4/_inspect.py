@@ -6,7 +6,8 @@ from ._checkpoint import _ranges, open_checkpoint
 
 
 def configure(p):
-    p.add_argument("path", metavar="PATH", help="checkpoint directory (ModelOpt NVFP4 or prepared)")
+    p.add_argument("path", metavar="PATH",
+                   help="checkpoint directory (ModelOpt NVFP4 or prepared)")
 
 
 def describe(path) -> str:
@@ -19,7 +20,8 @@ def describe(path) -> str:
         lines = [
             f"checkpoint: {path}",
             f"  prepared: {prepared}",
-            f"  quantization: {ckpt.quant.get('quant_algo')}, group size {ckpt.quant.get('group_size', 16)}",
+            f"  quantization: {ckpt.quant.get('quant_algo')}, "
+            f"group size {ckpt.quant.get('group_size', 16)}",
             f"  naming: {naming}",
             f"  shards: {len(ckpt.shards)}, tensors: {len(ckpt.weight_map)}, "
             f"{nbytes / 2**20:,.1f} MiB",

@@ -85,8 +85,8 @@ def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=Non
     if sharding is None:
         arrays = bufs[targets[0]]
     else:
-        arrays = [jax.make_array_from_single_device_arrays(s, sharding, [bufs[t][k] for t in targets])
-                  for k, s in enumerate(shapes)]
+        arrays = [jax.make_array_from_single_device_arrays(
+            s, sharding, [bufs[t][k] for t in targets]) for k, s in enumerate(shapes)]
     del bufs
     scales = {n: jax.device_put(x, sharding) for n, x in ckpt.scales(layer).items()}
     if layer.prepared:

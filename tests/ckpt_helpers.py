@@ -20,7 +20,7 @@ def prefix(naming: str, layer: int) -> str:
 
 
 def stacked(tensors: dict, naming: str, layer: int, experts: int) -> list[np.ndarray]:
-    """The layer's ``[w13 ([up; gate]), w13 scale, w2, w2 scale]`` stacked from the expert tensors."""
+    """``[w13 (rows [up; gate]), w13 scale, w2, w2 scale]`` stacked from the experts, as uint8."""
     gate, up, down = NAMINGS[naming]
     p = prefix(naming, layer)
 

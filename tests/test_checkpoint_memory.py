@@ -1,4 +1,4 @@
-"""Bounded host memory: converting or loading a deep checkpoint holds about one layer, not the model."""
+"""Bounded host memory: converting or loading a deep checkpoint holds one layer, not the model."""
 
 from __future__ import annotations
 
