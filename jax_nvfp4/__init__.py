@@ -9,8 +9,11 @@ prepare_layer / unprepare_layer
     One layer's four arrays, to the layout and back.
 PreparedLayer, is_prepared
     The mark of a prepared layer.
+dequantize_layer
+    One layer's float values, from either layout.
 """
 
+from ._dequant import dequantize_layer
 from ._prepare import prepare_layer, unprepare_layer
 from ._tree import PreparedLayer, is_prepared, prepare
 
@@ -18,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PreparedLayer",
+    "dequantize_layer",
     "is_prepared",
     "prepare",
     "prepare_layer",
