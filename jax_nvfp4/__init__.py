@@ -11,16 +11,20 @@ PreparedLayer, is_prepared
     The mark of a prepared layer.
 load(path, *, prepare, sharding, layers)
     A ModelOpt NVFP4 checkpoint (or a prepared one) as JAX params, streamed layer by layer.
+dequantize_layer
+    One layer's float values, from either layout.
 """
 
+from ._dequant import dequantize_layer
+from ._load import load
 from ._prepare import prepare_layer, unprepare_layer
 from ._tree import PreparedLayer, is_prepared, prepare
-from ._load import load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PreparedLayer",
+    "dequantize_layer",
     "is_prepared",
     "load",
     "prepare",

@@ -27,8 +27,3 @@ def is_marked(x) -> bool:
     ref = _PREPARED.get(id(x))
     return ref is not None and ref() is x
 
-
-def unmark(*arrays) -> None:
-    for x in arrays:
-        if is_marked(x):
-            del _PREPARED[id(x)]

@@ -165,9 +165,7 @@ def _run(arrays, *, gated, donate, backend, chunk_bytes, inverse, where=""):
         for x in arrays:
             if isinstance(x, jax.Array) and not x.is_deleted():
                 x.delete()
-    if inverse:
-        _marks.unmark(*arrays)
-    else:
+    if not inverse:  # (unprepared inputs that stay alive keep their mark)
         _marks.mark(*outs)
     return tuple(outs)
 

@@ -136,3 +136,11 @@ def test_unprepare_refuses_unpadded_sizes(rng):
     with pytest.raises(ValueError, match="not a prepared size"):
         jax_nvfp4.unprepare_layer(*layer)
     _assert_alive(layer)
+
+
+def test_unprepare_without_donation_keeps_the_mark(layer):
+    out = jax_nvfp4.prepare_layer(*layer)
+    jax_nvfp4.unprepare_layer(*out, donate=False)  # the prepared arrays stay alive...
+    with pytest.raises(ValueError, match="already in the TRT-LLM layout"):
+        jax_nvfp4.prepare_layer(*out)  # ...and still refuse a second shuffle
+    _assert_alive(out)

@@ -1,0 +1,71 @@
+"""The notebooks run headless, top to bottom (a failing cell fails the test), and are committed clean.
+
+They run in a kernel on this interpreter (``sys.executable``, so CI's venv) with this checkout's
+``jax_nvfp4`` first on the path, matplotlib on Agg, from ``notebooks/`` as working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+KERNEL = "jax-nvfp4-tests"
+
+
+def test_there_are_notebooks():
+    assert [p.name for p in NOTEBOOKS] == ["01-layout.ipynb", "02-memory.ipynb"]
+
+
+@pytest.fixture
+def kernel_manager(tmp_path, monkeypatch):
+    spec = tmp_path / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "jax-nvfp4 tests", "language": "python",
+    }))
+    # The kernel inherits this environment.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    return AsyncKernelManager(kernel_name=KERNEL,
+                              kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(path, kernel_manager):
+    nb = nbformat.read(path, as_version=4)
+    # A first cell (not saved) checks that the kernel is this interpreter and this checkout.
+    check = nbformat.v4.new_code_cell(
+        "import sys, jax_nvfp4\n"
+        f"assert sys.executable == {sys.executable!r}, sys.executable\n"
+        f"assert jax_nvfp4.__file__.startswith({str(ROOT)!r}), jax_nvfp4.__file__\n"
+    )
+    nb.cells.insert(0, check)
+    client = NotebookClient(nb, km=kernel_manager, timeout=300,
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()  # raises CellExecutionError, naming the cell, when a cell fails
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "error"]
+    assert not errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_without_outputs(path):
+    assert path.stat().st_size < 64 << 10, f"{path.name}: {path.stat().st_size} bytes"
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for k, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, \
+                f"{path.name}: cell {k} has outputs; clear them before committing"
