@@ -144,3 +144,111 @@ def test_tensor_parallel_slice_is_its_own_layer(rng, i_local):
             assert_bytes_equal(shard.data, want, f"{NAMES[k]} on {shard.device}")
     if ip == i_local:
         assert [_pointers(o) for o in out] == pointers
+
+
+def test_collective_check_sees_communication():
+    """Control for the HLO check above: a program that moves experts between devices."""
+    mesh = _mesh((8,), ("x",), explicit=False)
+    arg = jax.ShapeDtypeStruct((16, 4), jnp.uint8, sharding=NamedSharding(mesh, P("x")))
+    text = jax.jit(lambda x: jnp.roll(x, 1, axis=0)).lower(arg).compile().as_text()
+    assert COLLECTIVES.findall(text)
+
+
+def _model(rng, mesh, layers=2):
+    host, params = [], {"embed": jnp.ones((4, 4)), "layers": []}
+    for k in range(layers):
+        arrays = random_layer(rng, 8, 128, 64)
+        host.append(arrays)
+        moe = dict(zip(NAMES, _put(arrays, P("x"), mesh)))
+        moe["router"] = jnp.ones(8)
+        params["layers"].append({"moe": moe, "name": f"layer{k}"})
+    return params, host
+
+
+def test_prepare_tree_of_sharded_layers(rng):
+    mesh = _mesh((4,), ("x",))
+    params, host = _model(rng, mesh)
+    inputs = [dict(layer["moe"]) for layer in params["layers"]]
+    out = jax_nvfp4.prepare(params)
+    for k, arrays in enumerate(host):
+        moe = out["layers"][k]["moe"]
+        assert isinstance(moe, jax_nvfp4.PreparedLayer)
+        assert moe["router"] is inputs[k]["router"]
+        for name, want in zip(NAMES, _reference.prepare_layer(*arrays)):
+            assert moe[name].sharding == inputs[k][name].sharding
+            assert inputs[k][name].is_deleted()
+            _assert_shards_equal(moe[name], want, name)
+    with pytest.raises(ValueError, match="already in the TRT-LLM layout"):
+        jax_nvfp4.prepare(out)
+
+
+def _refused(layer, match, **kw):
+    with pytest.raises(ValueError, match=match):
+        jax_nvfp4.prepare_layer(*layer, **kw)
+    assert not any(x.is_deleted() for x in layer if isinstance(x, jax.Array))
+
+
+def test_refusals_leave_the_arrays_alive(rng):
+    mesh = _mesh((2, 4), ("a", "b"))
+    host = random_layer(rng, 8, 256, 128)
+    _refused(_put(host, P(None, None, "b"), mesh),
+             r"w13_weight: the hidden axis \(axis 2\) is split over mesh axes \('b',\)")
+    _refused(_put(host, (P(), P(), P(None, "b"), P(None, "b")), mesh),
+             r"w2_weight: the hidden axis \(axis 1\)")
+    _refused(_put(host, (P("a"), P("a"), P("b"), P("b")), mesh),
+             r"w2_weight: expert axis 0 is split over mesh axes \('b',\), but w13_weight's "
+             r"is split over mesh axes \('a',\)")
+    _refused(_put(host, (P("a", "b"), P("a", "b"), P("a"), P("a")), mesh),
+             r"w2_weight: the intermediate axis \(axis 2\) is unsplit, but w13_weight's rows "
+             r"are split over mesh axes \('b',\)")
+    mixed = _put(host, P("b"), mesh)
+    mixed[3] = jnp.asarray(host[3]).view(jnp.float8_e4m3fn)
+    _refused(mixed, "w2_weight_scale: expected a NamedSharding on the mesh of w13_weight")
+    other = _mesh((4,), ("b",))
+    mixed[3] = _put(host, P("b"), other)[3]
+    _refused(mixed, "w2_weight_scale: expected a NamedSharding on the mesh of w13_weight")
+    # a prepared size globally (I = 128) but not per device (I = 32 over "b")
+    with pytest.raises(ValueError, match=r"each device's shard is prepared as its own layer "
+                                         r"\(I split over mesh axes \('b',\).*I = 32 is not a "
+                                         "prepared size"):
+        jax_nvfp4.unprepare_layer(*_put(host, _tp_specs(None, "b"), mesh))
+
+
+@pytest.mark.parametrize("e, i, specs, match", [
+    (6, 64, (P("b"),) * 4, r"w13_weight: axis 0 has 6 experts, which cannot be split evenly "
+                           r"over 4 shards \(mesh axes \('b',\)\)"),
+    # I = 64 over 8 devices would leave half of a 16-value scale column to each
+    (8, 64, _tp_specs(None, ("a", "b")), r"w2_weight_scale: axis 2 has 4 entries, which cannot "
+                                         r"be split evenly over 8 shards \(mesh axes \('a', 'b'\)\)"),
+], ids=["experts", "scale-columns"])
+def test_uneven_shards_are_refused(e, i, specs, match):
+    # JAX itself refuses to place such arrays; abstract ones reach the check.
+    mesh = _mesh((2, 4), ("a", "b"))
+    shapes = jax_nvfp4._spec.LayerSpec(e, 128, i, True).shapes(padded=False)
+    args = [jax.ShapeDtypeStruct(s, jnp.uint8, sharding=NamedSharding(mesh, p))
+            for s, p in zip(shapes, specs)]
+    with pytest.raises(ValueError, match=match):
+        jax_nvfp4.prepare_layer(*args)
+
+
+def test_bad_sharded_layer_in_a_tree_donates_nothing(rng):
+    mesh = _mesh((4,), ("x",))
+    params, _ = _model(rng, mesh, layers=3)
+    bad = params["layers"][2]["moe"]
+    bad["w2_weight"] = jax.device_put(bad["w2_weight"], NamedSharding(mesh, P(None, "x")))
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[2\]\['moe'\]\.w2_weight: "
+                                         "expert axis 0 is unsplit"):
+        jax_nvfp4.prepare(params)
+    for layer in params["layers"]:
+        assert not any(layer["moe"][n].is_deleted() for n in NAMES)
+
+
+def test_uint8_scales_come_back_float8_with_their_sharding(rng):
+    mesh = _mesh((8,), ("x",), explicit=False)
+    host = random_layer(rng, 8, 128, 64)
+    layer = _put(host, P("x"), mesh, scales=np.uint8)
+    out = jax_nvfp4.prepare_layer(*layer)
+    for name, o, x, want in zip(NAMES, out, layer, _reference.prepare_layer(*host)):
+        assert o.dtype == (jnp.float8_e4m3fn if name.endswith("scale") else jnp.uint8)
+        assert o.sharding.is_equivalent_to(x.sharding, 3), name
+        _assert_shards_equal(o, want, name)
