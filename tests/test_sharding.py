@@ -119,16 +119,22 @@ def test_compiled_program_is_local_with_no_collectives(spec, inverse):
     assert hlo.memory_analysis().alias_size_in_bytes == plan.local.nbytes
 
 
+def _tp_w13(x, tp):
+    """A checkpoint's w13 ``[up; gate]`` laid out for ``tp`` shards: ``[up_0; gate_0; up_1; ...]``
+    (the recipe of the README)."""
+    e, r1, k = x.shape
+    return x.reshape(e, 2, tp, r1 // (2 * tp), k).swapaxes(1, 2).reshape(e, r1, k)
+
+
 @pytest.mark.parametrize("i_local", [64, 48], ids=["in-place", "padded"])
 def test_tensor_parallel_slice_is_its_own_layer(rng, i_local):
-    """I split over "t": each device's w13 rows are its own [up; gate] with the local I."""
-    t = 4
-    host = random_layer(rng, 4, 128, t * i_local)  # any bytes: the global order is per device
+    """I split over "t": each device prepares its TP rank's slice of the checkpoint as a layer."""
+    t, i = 4, 4 * i_local
+    w13, s13, w2, s2 = random_layer(rng, 4, 128, i)  # the checkpoint's layer, global I
     mesh = _mesh((2, t), ("e", "t"))
-    layer = _put(host, _tp_specs("e", "t"), mesh)
+    layer = _put([_tp_w13(w13, t), _tp_w13(s13, t), w2, s2], _tp_specs("e", "t"), mesh)
     shardings = [x.sharding for x in layer]
     pointers = [_pointers(x) for x in layer]
-    index = [{x.device: x.index for x in a.addressable_shards} for a in layer]
 
     out = jax_nvfp4.prepare_layer(*layer, chunk_bytes=4096)
 
@@ -138,8 +144,14 @@ def test_tensor_parallel_slice_is_its_own_layer(rng, i_local):
     for k, (o, s) in enumerate(zip(out, shardings)):
         assert o.sharding == s
         for shard in o.addressable_shards:
-            # the same device's input slices of the four arrays, prepared as one layer
-            local = [h[ix[shard.device]] for h, ix in zip(host, index)]
+            # what rank j of a TP server holds (vLLM's slicing of the checkpoint), prepared
+            e, j = shard.index[0], int(np.argwhere(mesh.devices == shard.device)[0][1])
+            up = slice(j * i_local, (j + 1) * i_local)
+            gate = slice(i + j * i_local, i + (j + 1) * i_local)
+            local = [np.concatenate([w13[e, up], w13[e, gate]], axis=1),
+                     np.concatenate([s13[e, up], s13[e, gate]], axis=1),
+                     w2[e, :, j * i_local // 2:(j + 1) * i_local // 2],
+                     s2[e, :, j * i_local // 16:(j + 1) * i_local // 16]]
             want = _reference.prepare_layer(*local)[k]
             assert_bytes_equal(shard.data, want, f"{NAMES[k]} on {shard.device}")
     if ip == i_local:
@@ -252,3 +264,8 @@ def test_uint8_scales_come_back_float8_with_their_sharding(rng):
         assert o.dtype == (jnp.float8_e4m3fn if name.endswith("scale") else jnp.uint8)
         assert o.sharding.is_equivalent_to(x.sharding, 3), name
         _assert_shards_equal(o, want, name)
+
+
+def test_the_default_device_is_still_the_first():
+    """conftest.py's eight devices leave unsharded work on one device, as before."""
+    assert jnp.zeros(3).devices() == {jax.devices()[0]}
