@@ -226,6 +226,16 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
     ValueError
         Inconsistent shapes, ``H % 128 != 0``, ``I % 16 != 0``, an unknown backend, or
         arrays already prepared or deleted. Nothing is donated when this is raised.
+
+    Notes
+    -----
+    Arrays sharded with ``NamedSharding(mesh, P(<axes>))`` along the expert axis are
+    prepared where they lie: each device transforms its own experts (in place when
+    donated, ``chunk_bytes`` per device), with no communication, and the outputs keep
+    the inputs' shardings. If ``I`` is split too (w13 rows and w2 columns over the same
+    mesh axes), each device's slice is prepared as its own layer with the local ``I``:
+    its w13 rows must be its own ``[up; gate]``. The hidden axis cannot be split.
+    Multi-host: each process makes the same call and touches only its own shards.
     """
     return _run((w13_weight, w13_weight_scale, w2_weight, w2_weight_scale), gated=gated,
                 donate=donate, backend=backend, chunk_bytes=chunk_bytes, inverse=False)
