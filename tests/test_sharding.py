@@ -230,8 +230,9 @@ def test_refusals_leave_the_arrays_alive(rng):
     (6, 64, (P("b"),) * 4, r"w13_weight: axis 0 has 6 experts, which cannot be split evenly "
                            r"over 4 shards \(mesh axes \('b',\)\)"),
     # I = 64 over 8 devices would leave half of a 16-value scale column to each
-    (8, 64, _tp_specs(None, ("a", "b")), r"w2_weight_scale: axis 2 has 4 entries, which cannot "
-                                         r"be split evenly over 8 shards \(mesh axes \('a', 'b'\)\)"),
+    (8, 64, _tp_specs(None, ("a", "b")),
+     r"w2_weight_scale: axis 2 has 4 entries, which cannot be split evenly over 8 shards "
+     r"\(mesh axes \('a', 'b'\)\)"),
 ], ids=["experts", "scale-columns"])
 def test_uneven_shards_are_refused(e, i, specs, match):
     # JAX itself refuses to place such arrays; abstract ones reach the check.
