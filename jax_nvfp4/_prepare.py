@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from . import _layout, _marks
+from . import _layout, _marks, _sharding
 from ._spec import BLOCK, NAMES, SCALE_DTYPE, LayerSpec, check_arrays
 
 BACKENDS = ("auto", "xla")
@@ -121,11 +121,13 @@ def layer_program(spec: LayerSpec, *, inverse: bool, chunks: tuple[int, ...] | N
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks):
+def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks, plan=None):
     # Padding changes every shape, so no buffer can be reused: transform out of
     # place and let the caller delete the inputs.
     in_place = donate and (inverse or not spec.needs_padding)
     program = layer_program(spec, inverse=inverse, chunks=chunks if in_place else None)
+    if plan is not None:  # sharded: the same program on each device's shard (spec is local)
+        return _sharding.jit(program, plan, donate=in_place)
     return jax.jit(program, donate_argnums=(0, 1, 2, 3) if in_place else ())
 
 
@@ -155,8 +157,11 @@ def _run(arrays, *, gated, donate, backend, chunk_bytes, inverse, where=""):
             )
     if len({id(x) for x in arrays}) != 4:
         raise ValueError("the four arrays must be distinct objects")
+    plan = _sharding.plan(arrays, gated=gated, prepared=inverse, where=where)
+    if plan is not None:  # sharded over a mesh: sizes and chunks are per device
+        spec = plan.local
     chunks = experts_per_chunk(spec, chunk_bytes)
-    outs = list(_compiled(spec, inverse, donate, chunks)(*arrays))
+    outs = list(_compiled(spec, inverse, donate, chunks, plan)(*arrays))
     for k in (1, 3):
         if outs[k].dtype != SCALE_DTYPE:  # uint8 scale bytes: one copy to float8
             outs[k] = _to_float8(outs[k])
@@ -219,6 +224,16 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
     ValueError
         Inconsistent shapes, ``H % 128 != 0``, ``I % 16 != 0``, an unknown backend, or
         arrays already prepared or deleted. Nothing is donated when this is raised.
+
+    Notes
+    -----
+    Arrays sharded with ``NamedSharding(mesh, P(<axes>))`` along the expert axis are
+    prepared where they lie: each device transforms its own experts (in place when
+    donated, ``chunk_bytes`` per device), with no communication, and the outputs keep
+    the inputs' shardings. If ``I`` is split too (w13 rows and w2 columns over the same
+    mesh axes), each device's slice is prepared as its own layer with the local ``I``:
+    its w13 rows must be its own ``[up; gate]``. The hidden axis cannot be split.
+    Multi-host: each process makes the same call and touches only its own shards.
     """
     return _run((w13_weight, w13_weight_scale, w2_weight, w2_weight_scale), gated=gated,
                 donate=donate, backend=backend, chunk_bytes=chunk_bytes, inverse=False)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import jax
 
-from . import _marks
+from . import _marks, _sharding
 from ._prepare import _run, resolve_backend
 from ._spec import NAMES, check_arrays
 
@@ -94,6 +94,7 @@ def prepare(params, *, gated: bool = True, donate: bool = True, backend: str = "
             )
         resolve_backend(backend, arrays)
         check_arrays(arrays, gated=gated, where=f"params{path}.")
+        _sharding.plan(arrays, gated=gated, prepared=False, where=f"params{path}.")
         for n, x in zip(NAMES, arrays):
             if donate and id(x) in seen:
                 raise ValueError(

@@ -8,6 +8,11 @@ import jax
 import numpy as np
 import pytest
 
+# Eight virtual CPU devices for the sharded tests (test_sharding.py). It must be set before
+# JAX initialises its backends, hence here; jax.devices()[0] stays the default device, so
+# the rest of the suite runs on one device as before.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    jax.config.update("jax_num_cpu_devices", 8)
 
 
 def _has_cuda() -> bool:

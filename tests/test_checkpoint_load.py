@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -101,42 +95,29 @@ def test_layers_filter(tmp_path, rng):
         jax_nvfp4.load(tmp_path, layers=[0, 5])
 
 
-def test_sharded_over_experts_each_device_gets_its_own(tmp_path, rng):
-    # Several CPU devices need a fresh process (the device count is fixed at start-up).
-    seed = _seed(rng)
-    script = textwrap.dedent(f"""
-        import jax, numpy as np
-        jax.config.update("jax_num_cpu_devices", 4)
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        import jax_nvfp4
-        from jax_nvfp4.testing import write_checkpoint
-        from ckpt_helpers import stacked, scalars
-        tensors = write_checkpoint({str(tmp_path)!r}, layers=1, experts=8, seed={seed})
-        mesh = Mesh(np.array(jax.devices()), ("expert",))
-        s = NamedSharding(mesh, P("expert"))
-        moe = jax_nvfp4.load({str(tmp_path)!r}, prepare=False, sharding=s)
-        moe = moe["model"]["layers"]["0"]["mlp"]["experts"]
-        want = stacked(tensors, "qwen3", 0, 8)
-        names = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
-        for name, w in list(zip(names, want)) + list(scalars(tensors, "qwen3", 0, 8).items()):
-            x = moe[name]
-            assert x.sharding == s, (name, x.sharding)
-            assert len(x.addressable_shards) == 4
-            for sh in x.addressable_shards:
-                assert sh.data.shape == (2, *w.shape[1:]), (name, sh.data.shape)
-                assert sh.data.devices() == {{sh.device}}
-                got = np.asarray(sh.data)
-                assert np.array_equal(got.view(np.uint8) if got.itemsize == 1 else got,
-                                      w[sh.index]), name
-        emb = jax_nvfp4.load({str(tmp_path)!r}, prepare=False, sharding=s)["lm_head"]["weight"]
-        assert len(emb.devices()) == 4 and emb.sharding.is_fully_replicated
-        print("ok")
-    """)
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=300, cwd=tests.parent, env=env)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+@pytest.mark.parametrize("prepare", [False, True])
+def test_sharded_over_experts_each_device_gets_its_own(tmp_path, rng, prepare):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    tensors = write_checkpoint(tmp_path, layers=1, experts=8, seed=_seed(rng))
+    s = NamedSharding(Mesh(np.array(jax.devices()[:4]), ("expert",)), P("expert"))
+    params = jax_nvfp4.load(tmp_path, prepare=prepare, sharding=s)
+    moe = _experts(params, "qwen3", 0)
+    want = stacked(tensors, "qwen3", 0, 8)
+    if prepare:
+        want = _reference.prepare_layer(*want)
+    for name, w in list(zip(NAMES, want)) + list(scalars(tensors, "qwen3", 0, 8).items()):
+        x = moe[name]
+        assert x.sharding == s, (name, x.sharding)
+        assert len(x.addressable_shards) == 4
+        for sh in x.addressable_shards:
+            assert sh.data.shape == (2, *w.shape[1:]), (name, sh.data.shape)
+            assert sh.data.devices() == {sh.device}
+            got = np.asarray(sh.data)
+            assert np.array_equal(got.view(np.uint8) if got.itemsize == 1 else got,
+                                  w[sh.index]), name
+    emb = params["lm_head"]["weight"]
+    assert len(emb.devices()) == 4 and emb.sharding.is_fully_replicated
 
 
 def test_bad_arguments(tmp_path, rng):
