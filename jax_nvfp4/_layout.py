@@ -20,38 +20,112 @@ Scales (§3.1): after the same row permutation, each expert's ``[R, C]`` block
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 # Row blocks of the epilogue-tile-128 shuffle (flashinfer: block 32 = 8 x 4).
 SHUFFLE_ROWS = 32
 # The 128x4 scale tile of the TRT-LLM kernels.
 TILE_ROWS, TILE_COLS = 128, 4
+# Widest unsigned int a transpose moves as one element (bytes). XLA's GPU
+# emitters move one element per thread: uint32 moves 4 bytes where uint8 moved
+# one (benchmarks/NOTES.md). 1 turns the widening off; 8 (uint64) needs
+# jax_enable_x64, else uint64 would silently become uint32.
+MAX_UNIT_BYTES = 4
+_UINTS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def _permute(x, view, perm):
-    """Reshape the row axis of ``x`` into ``view``, transpose, flatten back."""
+def _unit(nbytes: int) -> int:
+    """Widest power-of-two width <= MAX_UNIT_BYTES dividing a run of ``nbytes`` bytes."""
+    w = MAX_UNIT_BYTES if jax.config.jax_enable_x64 else min(MAX_UNIT_BYTES, 4)
+    while w > 1 and nbytes % w:
+        w //= 2
+    return w
+
+
+def move(x, view, perm):
+    """``x`` ``[E, rows, cols]`` of 1-byte elements viewed as ``[E, *view]``, the view axes
+    permuted by ``perm``, flattened back to ``[E, rows, cols]``.
+
+    ``perm`` keeps the last view axis last: those bytes are contiguous in the
+    input and the output, so they move as whole wide integers (a bitcast, no
+    copy) and the transpose handles 4 or 8 bytes per element instead of one.
+    """
     e, rows, cols = x.shape
-    return x.reshape(e, *view, cols).transpose(0, *perm, len(view) + 1).reshape(e, rows, cols)
+    assert perm[-1] == len(view) - 1, "the last view axis must stay last"
+    w = _unit(view[-1]) if x.dtype.itemsize == 1 else 1
+    if w > 1:
+        y = lax.bitcast_convert_type(x.reshape(e, *view[:-1], view[-1] // w, w), _UINTS[w])
+    else:
+        y = x.reshape(e, *view)
+    y = y.transpose(0, *(p + 1 for p in perm))
+    if w > 1:
+        y = lax.bitcast_convert_type(y, x.dtype)
+    return y.reshape(e, rows, cols)
+
+
+def unmove(x, view, perm):
+    """Inverse of :func:`move` with the same ``view`` and ``perm``."""
+    return move(x, tuple(view[p] for p in perm), tuple(int(i) for i in np.argsort(perm)))
+
+
+# Each transform is a (view, perm) pair for move(); the row counts M and the
+# column counts K/C are the per-expert sizes of the array moved.
+
+def rows_move(m: int, k: int):
+    """Epilogue-tile shuffle: rows ``(a, c=8, b=4)`` -> ``(a, b, c)``; whole rows of ``k`` bytes."""
+    return (m // 32, 8, 4, k), (0, 2, 1, 3)
+
+
+def gated_rows_move(m: int, k: int):
+    """w3/w1 interleave + shuffle: rows ``(half=2, q, u=8, j=2)`` -> ``(q, j, half, u)``."""
+    return (2, m // 32, 8, 2, k), (1, 3, 0, 2, 4)
+
+
+def swizzle_move(r: int, c: int):
+    """128x4 swizzle: ``(R/128, 4, 32, C/4, 4) -> (R/128, C/4, 32, 4, 4)``."""
+    return (r // 128, 4, 32, c // 4, 4), (0, 3, 2, 1, 4)
+
+
+def rows_swizzle_move(r: int, c: int):
+    """Shuffle then swizzle as one transpose.
+
+    Destination row ``d = 32a + 8b + c`` (source ``32a + 4c + b``) lands in tile
+    ``(a // 4, a % 4, 8b + c)``, so the source view ``(A, a0, c, b, C/4, 4)``
+    goes to ``(A, C/4, b, c, a0, 4)``.
+    """
+    return (r // 128, 4, 8, 4, c // 4, 4), (0, 4, 3, 2, 1, 5)
+
+
+def gated_rows_swizzle_move(r: int, c: int):
+    """Interleave + shuffle, then swizzle, as one transpose.
+
+    Destination row ``d = 32q + 16j + 8h + u`` lands in tile ``(q // 4, q % 4, d % 32)``,
+    so the source view ``(h, Q, q0, u, j, C/4, 4)`` goes to ``(Q, C/4, j, h, u, q0, 4)``.
+    """
+    return (2, r // 128, 4, 8, 2, c // 4, 4), (1, 5, 4, 0, 3, 2, 6)
 
 
 def shuffle_rows(x):
     """Epilogue-tile shuffle of the rows of ``x`` ``[E, M, K]``, ``M % 32 == 0``."""
-    return _permute(x, (x.shape[1] // 32, 8, 4), (1, 3, 2))
+    return move(x, *rows_move(*x.shape[1:]))
 
 
 def unshuffle_rows(x):
     """Inverse of :func:`shuffle_rows`."""
-    return _permute(x, (x.shape[1] // 32, 4, 8), (1, 3, 2))
+    return unmove(x, *rows_move(*x.shape[1:]))
 
 
 def shuffle_gated_rows(x):
     """w3/w1 interleave + shuffle of ``x`` ``[E, 2I, K]`` (rows ``[up; gate]``), ``I % 16 == 0``."""
-    return _permute(x, (2, x.shape[1] // 32, 8, 2), (2, 4, 1, 3))
+    return move(x, *gated_rows_move(*x.shape[1:]))
 
 
 def unshuffle_gated_rows(x):
     """Inverse of :func:`shuffle_gated_rows`."""
-    return _permute(x, (x.shape[1] // 32, 2, 2, 8), (3, 1, 4, 2))
+    return unmove(x, *gated_rows_move(*x.shape[1:]))
 
 
 def swizzle_scales(x):
@@ -60,16 +134,12 @@ def swizzle_scales(x):
     The result keeps the nominal shape ``[E, R, C]``; its bytes, read flat per
     expert, are in the kernel's order.
     """
-    e, r, c = x.shape
-    t = x.reshape(e, r // 128, 4, 32, c // 4, 4).transpose(0, 1, 4, 3, 2, 5)
-    return t.reshape(e, r, c)
+    return move(x, *swizzle_move(*x.shape[1:]))
 
 
 def unswizzle_scales(x):
     """Inverse of :func:`swizzle_scales`."""
-    e, r, c = x.shape
-    t = x.reshape(e, r // 128, c // 4, 32, 4, 4).transpose(0, 1, 4, 3, 2, 5)
-    return t.reshape(e, r, c)
+    return unmove(x, *swizzle_move(*x.shape[1:]))
 
 
 def pad_gated_rows(x, padded_i):
