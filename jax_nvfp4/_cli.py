@@ -10,6 +10,7 @@ import sys
 # name -> (module with configure(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "demo": ("jax_nvfp4._demo", "prepare a synthetic DeepSeek-V3-shaped layer and check it"),
+    "bench": ("jax_nvfp4._bench", "time prepare_layer against the copy floor and torch baselines"),
 }
 
 
