@@ -20,49 +20,26 @@ Scales (§3.1): after the same row permutation, each expert's ``[R, C]`` block
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 # Row blocks of the epilogue-tile-128 shuffle (flashinfer: block 32 = 8 x 4).
 SHUFFLE_ROWS = 32
 # The 128x4 scale tile of the TRT-LLM kernels.
 TILE_ROWS, TILE_COLS = 128, 4
-# Widest unsigned int a transpose moves as one element (bytes). XLA's GPU
-# emitters move one element per thread: uint32 moves 4 bytes where uint8 moved
-# one (benchmarks/NOTES.md). 1 turns the widening off; 8 (uint64) needs
-# jax_enable_x64, else uint64 would silently become uint32.
-MAX_UNIT_BYTES = 4
-_UINTS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def _unit(nbytes: int) -> int:
-    """Widest power-of-two width <= MAX_UNIT_BYTES dividing a run of ``nbytes`` bytes."""
-    w = MAX_UNIT_BYTES if jax.config.jax_enable_x64 else min(MAX_UNIT_BYTES, 4)
-    while w > 1 and nbytes % w:
-        w //= 2
-    return w
 
 
 def move(x, view, perm):
-    """``x`` ``[E, rows, cols]`` of 1-byte elements viewed as ``[E, *view]``, the view axes
-    permuted by ``perm``, flattened back to ``[E, rows, cols]``.
+    """``x`` ``[E, rows, cols]`` viewed as ``[E, *view]``, the view axes permuted by
+    ``perm``, flattened back to ``[E, rows, cols]``.
 
-    ``perm`` keeps the last view axis last: those bytes are contiguous in the
-    input and the output, so they move as whole wide integers (a bitcast, no
-    copy) and the transpose handles 4 or 8 bytes per element instead of one.
+    Every transform below keeps the last view axis last (bytes contiguous in
+    input and output). Moving them as wider ints does not help XLA: a uint8 ->
+    uint32 bitcast inside a jitted program is expanded into shifts
+    (benchmarks/NOTES.md); ``_pallas`` moves whole rows instead.
     """
     e, rows, cols = x.shape
-    assert perm[-1] == len(view) - 1, "the last view axis must stay last"
-    w = _unit(view[-1]) if x.dtype.itemsize == 1 else 1
-    if w > 1:
-        y = lax.bitcast_convert_type(x.reshape(e, *view[:-1], view[-1] // w, w), _UINTS[w])
-    else:
-        y = x.reshape(e, *view)
-    y = y.transpose(0, *(p + 1 for p in perm))
-    if w > 1:
-        y = lax.bitcast_convert_type(y, x.dtype)
+    y = x.reshape(e, *view).transpose(0, *(p + 1 for p in perm))
     return y.reshape(e, rows, cols)
 
 

@@ -33,6 +33,9 @@ FREE_SHARE = 8
 UNROLL = False
 # Scales: row permutation and swizzle fused into one transpose, or two passes.
 FUSE_SCALES = True
+# Weights on CUDA: row permutations as Pallas kernels (16-byte accesses) rather
+# than XLA transposes (one byte per thread). benchmarks/NOTES.md.
+PALLAS = True
 
 Transform = Callable[[jax.Array], jax.Array]
 
@@ -79,15 +82,43 @@ def _then(f: Transform, g: Transform) -> Transform:
     return lambda x: g(f(x))
 
 
-def _transforms(spec: LayerSpec, inverse: bool, backend: str):
+def _pallas_rows(view, perm, pad: Transform):
+    """``(fn, write)`` of a row move as Pallas kernels (see ``_pallas``)."""
+    from . import _pallas
+
+    def fn(x):
+        return _pallas.move_rows(pad(x), view, perm)
+
+    def write(buf, start, block):
+        moved = _pallas.move_rows(buf, view, perm, start=start, experts=block.shape[0])
+        return _pallas.write_block(buf, moved, start)
+
+    return fn, write
+
+
+def _transforms(spec: LayerSpec, inverse: bool, backend: str, pallas: bool = False):
     """Per array ``(fn, write)``: ``fn`` maps a block of experts to its result;
     ``write(buf, start, block)``, where not None, puts the result of ``block``
     into ``buf`` at expert ``start`` itself (the flashinfer kernel writes there).
     """
+    moves = _moves(spec, FUSE_SCALES)
+    pads = _pad(spec) if not inverse else (lambda x: x,) * 4
     if inverse:
-        return tuple((_apply(m, True), None) for m in _moves(spec, FUSE_SCALES))
-    out = [(_then(pad, _apply(m, False)), None)
-           for pad, m in zip(_pad(spec), _moves(spec, FUSE_SCALES))]
+        out = [(_apply(m, True), None) for m in moves]
+    else:
+        out = [(_then(pad, _apply(m, False)), None) for pad, m in zip(pads, moves)]
+    if pallas:
+        from . import _pallas
+        for k in (0, 2):
+            (view, perm), = moves[k]
+            if inverse:
+                view, perm = tuple(view[p] for p in perm), tuple(int(i) for i in np.argsort(perm))
+            out[k] = _pallas_rows(view, perm, pads[k])
+        for k in (1, 3):  # scales: XLA's transpose into scratch, copied back by a kernel
+            out[k] = (out[k][0], (lambda f: lambda buf, start, block:
+                                  _pallas.write_block(buf, f(block), start))(out[k][0]))
+    if inverse:
+        return tuple(out)
     if backend != "xla":
         # Rows by XLA, then the kernel's swizzle (it must see the rows in order).
         rows = _moves(spec, fuse=False)
@@ -122,6 +153,12 @@ def _chunked(x, fn: Transform, chunk: int, write=None):
     if tail:
         x = step(n * chunk, tail, x)
     return x
+
+
+def use_pallas(arrays) -> bool:
+    """Whether the weights' rows move with the Pallas kernels: on CUDA GPUs, when enabled."""
+    return PALLAS and all(isinstance(x, jax.Array) and
+                          all(d.platform == "gpu" for d in x.devices()) for x in arrays)
 
 
 def free_bytes(x) -> int | None:
@@ -172,16 +209,17 @@ def experts_per_chunk(spec: LayerSpec, chunk_bytes: int | None,
 
 
 def layer_program(spec: LayerSpec, *, inverse: bool, chunks: tuple[int, ...] | None,
-                  backend: str = "xla"):
+                  backend: str = "xla", pallas: bool = False):
     """The pure function of four arrays that prepares (or unprepares) one layer.
 
     ``chunks=None`` transforms each array whole (out of place); otherwise each
     array is transformed chunk by chunk into itself (in place when donated).
     It works on any number of experts as long as ``spec`` says so; the
     sharded path calls it per device on the local experts. ``backend`` is a
-    resolved backend (``"xla"`` or ``"flashinfer"``).
+    resolved backend (``"xla"`` or ``"flashinfer"``). ``pallas`` moves the weight
+    rows with Pallas kernels (CUDA; see ``_pallas``).
     """
-    fns = _transforms(spec, inverse, backend)
+    fns = _transforms(spec, inverse, backend, pallas)
     if chunks is not None and not inverse and spec.needs_padding:
         raise ValueError("padding changes shapes: a padded layer cannot be prepared in place")
 
@@ -202,12 +240,13 @@ def layer_program(spec: LayerSpec, *, inverse: bool, chunks: tuple[int, ...] | N
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks, backend: str = "xla"):
+def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks, backend: str = "xla",
+              pallas: bool = False):
     # Padding changes every shape, so no buffer can be reused: transform out of
     # place and let the caller delete the inputs.
     in_place = donate and (inverse or not spec.needs_padding)
     program = layer_program(spec, inverse=inverse, chunks=chunks if in_place else None,
-                            backend=backend)
+                            backend=backend, pallas=pallas)
     return jax.jit(program, donate_argnums=(0, 1, 2, 3) if in_place else ())
 
 
@@ -233,7 +272,7 @@ def _run(arrays, *, gated, donate, backend, chunk_bytes, inverse, where=""):
         raise ValueError("the four arrays must be distinct objects")
     chunks = experts_per_chunk(spec, chunk_bytes,
                                free_bytes(arrays[0]) if chunk_bytes is None else None)
-    outs = list(_compiled(spec, inverse, donate, chunks, resolved)(*arrays))
+    outs = list(_compiled(spec, inverse, donate, chunks, resolved, use_pallas(arrays))(*arrays))
     for k in (1, 3):
         if outs[k].dtype != SCALE_DTYPE:  # uint8 scale bytes: one copy to float8
             outs[k] = _to_float8(outs[k])

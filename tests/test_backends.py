@@ -15,6 +15,13 @@ from jax_nvfp4._spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 
+@pytest.fixture(autouse=True)
+def on_cpu():
+    """These tests are about CPU arrays, also on a machine with a GPU."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def test_import_needs_neither_torch_nor_flashinfer():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['flashinfer'] = None\n"
             "import jax_nvfp4, torch_bridge, jax_nvfp4._backends\n"

@@ -37,13 +37,15 @@ def test_prepare_on_gpu_equals_reference(rng, e, h, i, gated, donate, scale_dtyp
 @pytest.mark.parametrize("e, h, i, gated", [(32, 7168, 2048, True), (64, 7168, 256, True),
                                             (16, 2048, 768, False)])
 @pytest.mark.parametrize("chunk_bytes", [None, 16 << 20])
-def test_float8_program_is_in_place_with_one_chunk_of_scratch(e, h, i, gated, chunk_bytes):
+@pytest.mark.parametrize("pallas", [False, True])
+def test_float8_program_is_in_place_with_one_chunk_of_scratch(e, h, i, gated, chunk_bytes,
+                                                              pallas):
     """GPU keeps float8 data movement in float8 (the CPU backend upcasts to f16)."""
     spec = LayerSpec(e, h, i, gated)
     chunks = _prepare.experts_per_chunk(spec, chunk_bytes)
     args = [jax.ShapeDtypeStruct(s, d) for s, d in
             zip(spec.shapes(padded=False), (jnp.uint8, SCALE_DTYPE) * 2)]
-    compiled = _prepare._compiled(spec, False, True, chunks).lower(*args).compile()
+    compiled = _prepare._compiled(spec, False, True, chunks, "xla", pallas).lower(*args).compile()
     stats = compiled.memory_analysis()
     largest_chunk = max(c * s[1] * s[2] for c, s in zip(chunks, spec.shapes(padded=False)))
     assert stats.alias_size_in_bytes == spec.nbytes

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 import torch_bridge
 from jax_nvfp4 import _reference
-from test_backends import stand_in_kernel  # noqa: F401  (fixture)
+from test_backends import on_cpu, stand_in_kernel  # noqa: F401  (fixtures)
 
 
 def test_to_torch_shares_memory(rng):
