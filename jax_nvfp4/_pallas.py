@@ -22,6 +22,15 @@ from jax.experimental import pallas as pl
 
 # Widest block of a row copied by one program (bytes, a power of two).
 MAX_BLOCK_COLS = 1024
+# Pallas' Triton lowering computes offsets in int32: on an H200 a 3.76 GB array
+# (DeepSeek-V3 w13, 256 experts) came out wrong while 0.47 GB ones were exact.
+# Arrays from 2**31 bytes on stay on XLA.
+MAX_ARRAY_BYTES = 2**31 - 1
+
+
+def fits(nbytes: int) -> bool:
+    """Whether an array of ``nbytes`` bytes can go through these kernels."""
+    return nbytes <= MAX_ARRAY_BYTES
 
 
 def _pow2_divisor(k: int, most: int) -> int:

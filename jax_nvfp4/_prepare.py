@@ -109,14 +109,18 @@ def _transforms(spec: LayerSpec, inverse: bool, backend: str, pallas: bool = Fal
         out = [(_then(pad, _apply(m, False)), None) for pad, m in zip(pads, moves)]
     if pallas:
         from . import _pallas
+        sizes = [int(np.prod(s)) for s in spec.shapes(padded=True)]
         for k in (0, 2):
+            if not _pallas.fits(sizes[k]):
+                continue
             (view, perm), = moves[k]
             if inverse:
                 view, perm = tuple(view[p] for p in perm), tuple(int(i) for i in np.argsort(perm))
             out[k] = _pallas_rows(view, perm, pads[k])
         for k in (1, 3):  # scales: XLA's transpose into scratch, copied back by a kernel
-            out[k] = (out[k][0], (lambda f: lambda buf, start, block:
-                                  _pallas.write_block(buf, f(block), start))(out[k][0]))
+            if _pallas.fits(sizes[k]):
+                out[k] = (out[k][0], (lambda f: lambda buf, start, block:
+                                      _pallas.write_block(buf, f(block), start))(out[k][0]))
     if inverse:
         return tuple(out)
     if backend != "xla":

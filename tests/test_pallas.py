@@ -35,3 +35,11 @@ def test_pallas_is_used_only_on_gpu(rng):
     layer = to_jax(random_layer(rng, 2, 128, 64))
     on_gpu = all(d.platform == "gpu" for d in layer[0].devices())
     assert _prepare.use_pallas(layer) == (_prepare.PALLAS and on_gpu)
+
+
+def test_arrays_from_2gib_stay_on_xla():
+    """Pallas' Triton lowering indexes with int32: larger arrays must not reach it."""
+    spec = LayerSpec(256, 7168, 2048, True)  # w13 is 3.76 GB, the rest under 2 GiB
+    fns = _prepare._transforms(spec, False, "xla", True)
+    assert fns[0][1] is None  # XLA transpose, no kernel writer
+    assert all(fns[k][1] is not None for k in (1, 2, 3))
