@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding  # noqa: E402
 
 import jax_nvfp4  # noqa: E402
-from jax_nvfp4 import _prepare, _reference, _sharding  # noqa: E402
+from jax_nvfp4 import _prepare, _reference  # noqa: E402
 from jax_nvfp4._spec import NAMES, SCALE_DTYPE, LayerSpec  # noqa: E402
 
 
@@ -113,25 +113,29 @@ def _sharding_for(devices):
                          P("expert"))
 
 
-def _largest_chunk(local: LayerSpec, chunk_bytes):
-    chunks = _prepare.experts_per_chunk(local, chunk_bytes)
-    return chunks, max(c * s[1] * s[2] for c, s in zip(chunks, local.shapes(padded=False)))
+def _job(layer, gated, chunk_bytes, backend):
+    """The validated, compiled call prepare_layer makes (chunks and program per device)."""
+    return _prepare.plan_job(layer, gated=gated, donate=True, backend=backend,
+                             chunk_bytes=chunk_bytes, inverse=False)
 
 
-def _scratch(layer, local, chunks):
+def _largest_chunk(job):
+    return max(c * s[1] * s[2] for c, s in zip(job.chunks, job.spec.shapes(padded=False)))
+
+
+def _scratch(job):
     """temp_size_in_bytes of the compiled per-device program (XLA's own figure)."""
-    plan = _sharding.plan(layer, gated=local.gated, prepared=False)
-    fn = _prepare._compiled(local, False, True, chunks, plan)
-    return fn.lower(*layer).compile().memory_analysis().temp_size_in_bytes
+    return job.program.lower(*job.arrays).compile().memory_analysis().temp_size_in_bytes
 
 
 def _row(spec: LayerSpec, devices, args, seed):
     """Time and memory of prepare_layer (donated) of ``spec`` over ``devices``."""
     sharding = _sharding_for(devices)
     local = LayerSpec(spec.experts // len(devices), spec.hidden, spec.intermediate, spec.gated)
-    chunks, chunk = _largest_chunk(local, args.chunk_bytes)
     layer = _gen(spec, seed, sharding)
-    scratch = _scratch(layer, local, chunks)
+    job = _job(layer, spec.gated, args.chunk_bytes, args.backend)
+    chunks, chunk, scratch = job.chunks, _largest_chunk(job), _scratch(job)
+    del job
     kw = dict(backend=args.backend, chunk_bytes=args.chunk_bytes)
     t0 = time.perf_counter()
     layer = jax_nvfp4.unprepare_layer(*jax.block_until_ready(jax_nvfp4.prepare_layer(*layer, **kw)),

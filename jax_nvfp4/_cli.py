@@ -12,6 +12,7 @@ COMMANDS = {
     "demo": ("jax_nvfp4._demo", "prepare a synthetic DeepSeek-V3-shaped layer and check it"),
     "convert": ("jax_nvfp4._convert", "write a ModelOpt NVFP4 checkpoint as a prepared one"),
     "inspect": ("jax_nvfp4._inspect", "show what a checkpoint holds (naming, layers, sizes)"),
+    "bench": ("jax_nvfp4._bench", "time prepare_layer against the copy floor and torch baselines"),
 }
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _reference
-from ._prepare import _compiled, experts_per_chunk, prepare_layer, unprepare_layer
+from ._prepare import plan_job, prepare_layer, run_job
 from ._spec import SCALE_DTYPE, LayerSpec, check_arrays
 
 
@@ -52,12 +52,9 @@ def run(args) -> int:
     print(f"device: {device.device_kind} ({device.platform})")
     print(f"layer: E={e} H={spec.hidden} I={spec.intermediate} gated={spec.gated}, "
           f"{spec.nbytes / 2**30:.3f} GiB, seed {seed}")
-    chunks = experts_per_chunk(spec, chunk_bytes)
     abstract = [jax.ShapeDtypeStruct(s, d) for s, d in
                 zip(spec.shapes(padded=False), (jnp.uint8, SCALE_DTYPE) * 2)]
     check_arrays(abstract, gated=spec.gated)  # refuse bad sizes before any work
-    scratch = _compiled(spec, False, True, chunks).lower(*abstract).compile()
-    scratch = scratch.memory_analysis().temp_size_in_bytes
     in_place = not spec.needs_padding
 
     # Warm up (compile) on one random layer, then time a second one.
@@ -73,8 +70,11 @@ def run(args) -> int:
     host = [np.asarray(x).view(np.uint8)[pick] for x in layer]
     for x, name in zip(layer, ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")):
         print(f"  {name:17s} {str(x.dtype):14s} {list(x.shape)}")
+    job = plan_job(layer, gated=spec.gated, donate=True, backend="auto",
+                   chunk_bytes=chunk_bytes, inverse=False)
+    scratch = job.program.lower(*layer).compile().memory_analysis().temp_size_in_bytes
     t0 = time.perf_counter()
-    out = jax.block_until_ready(prepare_layer(*layer, gated=spec.gated, chunk_bytes=chunk_bytes))
+    out = jax.block_until_ready(run_job(job))
     warm = time.perf_counter() - t0
 
     want = _reference.prepare_layer(*host, gated=spec.gated)

@@ -17,7 +17,7 @@ from jax import lax
 import numpy as np
 
 from . import _marks
-from ._prepare import _inverse
+from ._prepare import _transforms
 from ._spec import BLOCK, NAMES, SCALE_DTYPE, LayerSpec, check_arrays
 
 LAYOUTS = ("linear", "trtllm")
@@ -54,7 +54,8 @@ def _program(spec: LayerSpec, layout: str):
     # Scales become float32 before their swizzle is undone: the permutation
     # does not care about the dtype, and float32 sidesteps float8 data movement
     # (computed in float16 by XLA's CPU backend).
-    undo = _inverse(spec) if layout == "trtllm" else (lambda x: x,) * 4
+    undo = ([fn for fn, _ in _transforms(spec, True, "xla")] if layout == "trtllm"
+            else (lambda x: x,) * 4)
 
     def program(w13, s13, w2, s2):
         return (_dequantize(undo[0](w13), undo[1](_e4m3(s13))),

@@ -21,6 +21,7 @@ Scales (§3.1): after the same row permutation, each expert's ``[R, C]`` block
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 # Row blocks of the epilogue-tile-128 shuffle (flashinfer: block 32 = 8 x 4).
 SHUFFLE_ROWS = 32
@@ -28,30 +29,80 @@ SHUFFLE_ROWS = 32
 TILE_ROWS, TILE_COLS = 128, 4
 
 
-def _permute(x, view, perm):
-    """Reshape the row axis of ``x`` into ``view``, transpose, flatten back."""
+def move(x, view, perm):
+    """``x`` ``[E, rows, cols]`` viewed as ``[E, *view]``, the view axes permuted by
+    ``perm``, flattened back to ``[E, rows, cols]``.
+
+    Every transform below keeps the last view axis last (bytes contiguous in
+    input and output). Moving them as wider ints does not help XLA: a uint8 ->
+    uint32 bitcast inside a jitted program is expanded into shifts
+    (benchmarks/NOTES.md); ``_pallas`` moves whole rows instead.
+    """
     e, rows, cols = x.shape
-    return x.reshape(e, *view, cols).transpose(0, *perm, len(view) + 1).reshape(e, rows, cols)
+    y = x.reshape(e, *view).transpose(0, *(p + 1 for p in perm))
+    return y.reshape(e, rows, cols)
+
+
+def unmove(x, view, perm):
+    """Inverse of :func:`move` with the same ``view`` and ``perm``."""
+    return move(x, tuple(view[p] for p in perm), tuple(int(i) for i in np.argsort(perm)))
+
+
+# Each transform is a (view, perm) pair for move(); the row counts M and the
+# column counts K/C are the per-expert sizes of the array moved.
+
+def rows_move(m: int, k: int):
+    """Epilogue-tile shuffle: rows ``(a, c=8, b=4)`` -> ``(a, b, c)``; whole rows of ``k`` bytes."""
+    return (m // 32, 8, 4, k), (0, 2, 1, 3)
+
+
+def gated_rows_move(m: int, k: int):
+    """w3/w1 interleave + shuffle: rows ``(half=2, q, u=8, j=2)`` -> ``(q, j, half, u)``."""
+    return (2, m // 32, 8, 2, k), (1, 3, 0, 2, 4)
+
+
+def swizzle_move(r: int, c: int):
+    """128x4 swizzle: ``(R/128, 4, 32, C/4, 4) -> (R/128, C/4, 32, 4, 4)``."""
+    return (r // 128, 4, 32, c // 4, 4), (0, 3, 2, 1, 4)
+
+
+def rows_swizzle_move(r: int, c: int):
+    """Shuffle then swizzle as one transpose.
+
+    Destination row ``d = 32a + 8b + c`` (source ``32a + 4c + b``) lands in tile
+    ``(a // 4, a % 4, 8b + c)``, so the source view ``(A, a0, c, b, C/4, 4)``
+    goes to ``(A, C/4, b, c, a0, 4)``.
+    """
+    return (r // 128, 4, 8, 4, c // 4, 4), (0, 4, 3, 2, 1, 5)
+
+
+def gated_rows_swizzle_move(r: int, c: int):
+    """Interleave + shuffle, then swizzle, as one transpose.
+
+    Destination row ``d = 32q + 16j + 8h + u`` lands in tile ``(q // 4, q % 4, d % 32)``,
+    so the source view ``(h, Q, q0, u, j, C/4, 4)`` goes to ``(Q, C/4, j, h, u, q0, 4)``.
+    """
+    return (2, r // 128, 4, 8, 2, c // 4, 4), (1, 5, 4, 0, 3, 2, 6)
 
 
 def shuffle_rows(x):
     """Epilogue-tile shuffle of the rows of ``x`` ``[E, M, K]``, ``M % 32 == 0``."""
-    return _permute(x, (x.shape[1] // 32, 8, 4), (1, 3, 2))
+    return move(x, *rows_move(*x.shape[1:]))
 
 
 def unshuffle_rows(x):
     """Inverse of :func:`shuffle_rows`."""
-    return _permute(x, (x.shape[1] // 32, 4, 8), (1, 3, 2))
+    return unmove(x, *rows_move(*x.shape[1:]))
 
 
 def shuffle_gated_rows(x):
     """w3/w1 interleave + shuffle of ``x`` ``[E, 2I, K]`` (rows ``[up; gate]``), ``I % 16 == 0``."""
-    return _permute(x, (2, x.shape[1] // 32, 8, 2), (2, 4, 1, 3))
+    return move(x, *gated_rows_move(*x.shape[1:]))
 
 
 def unshuffle_gated_rows(x):
     """Inverse of :func:`shuffle_gated_rows`."""
-    return _permute(x, (x.shape[1] // 32, 2, 2, 8), (3, 1, 4, 2))
+    return unmove(x, *gated_rows_move(*x.shape[1:]))
 
 
 def swizzle_scales(x):
@@ -60,16 +111,12 @@ def swizzle_scales(x):
     The result keeps the nominal shape ``[E, R, C]``; its bytes, read flat per
     expert, are in the kernel's order.
     """
-    e, r, c = x.shape
-    t = x.reshape(e, r // 128, 4, 32, c // 4, 4).transpose(0, 1, 4, 3, 2, 5)
-    return t.reshape(e, r, c)
+    return move(x, *swizzle_move(*x.shape[1:]))
 
 
 def unswizzle_scales(x):
     """Inverse of :func:`swizzle_scales`."""
-    e, r, c = x.shape
-    t = x.reshape(e, r // 128, c // 4, 32, 4, 4).transpose(0, 1, 4, 3, 2, 5)
-    return t.reshape(e, r, c)
+    return unmove(x, *swizzle_move(*x.shape[1:]))
 
 
 def pad_gated_rows(x, padded_i):

@@ -1,7 +1,7 @@
 """prepare_layer / unprepare_layer: one MoE layer to and from the TRT-LLM layout.
 
-With donation the work runs in place: a ``lax.fori_loop`` over chunks of
-experts reads one chunk, transforms it and writes it back with
+With donation the work runs in place: a loop over chunks of
+experts (unrolled, or a ``lax.fori_loop``) reads one chunk, transforms it and writes it back with
 ``lax.dynamic_update_slice`` into the donated buffer, so the only extra
 device memory is one chunk. Without donation it is one out-of-place
 transform per array (fastest; the caller keeps the inputs).
@@ -9,6 +9,7 @@ transform per array (fastest; the caller keeps the inputs).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -20,69 +21,183 @@ import numpy as np
 from . import _layout, _marks, _sharding
 from ._spec import BLOCK, NAMES, SCALE_DTYPE, LayerSpec, check_arrays
 
-BACKENDS = ("auto", "xla")
-# Largest default scratch per chunk; see experts_per_chunk.
-DEFAULT_CHUNK_BYTES = 256 << 20
+from ._backends import BACKENDS, resolve_backend, scale_writer
+
+# Default scratch per chunk: a share of the layer (so the transient stays a few
+# percent of it), at least MIN_CHUNK_BYTES (so small layers are not cut into
+# many tiny steps), and never more than a share of the device's free memory.
+LAYER_SHARE = 32
+MIN_CHUNK_BYTES = 64 << 20
+FREE_SHARE = 8
+# How the in-place loop runs: unrolled (static offsets, one straight-line
+# program) or a lax.fori_loop (one body, dynamic offsets). benchmarks/NOTES.md.
+UNROLL = False
+# Scales: row permutation and swizzle fused into one transpose, or two passes.
+FUSE_SCALES = True
+# Weights on CUDA: row permutations as Pallas kernels (16-byte accesses) rather
+# than XLA transposes (one byte per thread). benchmarks/NOTES.md.
+PALLAS = True
 
 Transform = Callable[[jax.Array], jax.Array]
 
 
-def _forward(spec: LayerSpec) -> tuple[Transform, ...]:
-    """Per-array transforms from the checkpoint layout to the TRT-LLM layout."""
+def _moves(spec: LayerSpec, fuse: bool):
+    """Per array, the ``_layout.move`` steps from the checkpoint to the TRT-LLM layout.
+
+    Sizes are those of the padded arrays the steps run on. With ``fuse`` each
+    scale array is one transpose (rows and swizzle composed), else rows then swizzle.
+    """
+    (_, r1, k13w), (_, _, k13), (_, h, k2w), (_, _, k2) = spec.shapes(padded=True)
+    rows13 = _layout.gated_rows_move if spec.gated else _layout.rows_move
+    if fuse:
+        sw13 = _layout.gated_rows_swizzle_move if spec.gated else _layout.rows_swizzle_move
+        s13, s2 = [sw13(r1, k13)], [_layout.rows_swizzle_move(h, k2)]
+    else:
+        s13 = [rows13(r1, k13), _layout.swizzle_move(r1, k13)]
+        s2 = [_layout.rows_move(h, k2), _layout.swizzle_move(h, k2)]
+    return [rows13(r1, k13w)], s13, [_layout.rows_move(h, k2w)], s2
+
+
+def _apply(moves, inverse: bool) -> Transform:
+    if inverse:
+        return lambda x: functools.reduce(lambda y, m: _layout.unmove(y, *m), moves[::-1], x)
+    return lambda x: functools.reduce(lambda y, m: _layout.move(y, *m), moves, x)
+
+
+def _pad(spec: LayerSpec) -> tuple[Transform, ...]:
+    """Zero padding of I to ``spec.padded_i`` (identity when none is needed)."""
     ip = spec.padded_i
+    if not spec.needs_padding:
+        return (lambda x: x,) * 4
     if spec.gated:
         def rows13(x):
-            return _layout.shuffle_gated_rows(_layout.pad_gated_rows(x, ip))
+            return _layout.pad_gated_rows(x, ip)
     else:
         def rows13(x):
-            return _layout.shuffle_rows(_layout.pad_rows(x, ip))
-
-    def w2(x):
-        return _layout.shuffle_rows(_layout.pad_cols(x, ip // 2))
-
-    def s2(x):
-        return _layout.swizzle_scales(_layout.shuffle_rows(_layout.pad_cols(x, ip // BLOCK)))
-
-    return rows13, lambda x: _layout.swizzle_scales(rows13(x)), w2, s2
+            return _layout.pad_rows(x, ip)
+    return (rows13, rows13, lambda x: _layout.pad_cols(x, ip // 2),
+            lambda x: _layout.pad_cols(x, ip // BLOCK))
 
 
-def _inverse(spec: LayerSpec) -> tuple[Transform, ...]:
-    """Per-array transforms from the TRT-LLM layout back (padding stays)."""
-    rows13 = _layout.unshuffle_gated_rows if spec.gated else _layout.unshuffle_rows
-    return (
-        rows13,
-        lambda x: rows13(_layout.unswizzle_scales(x)),
-        _layout.unshuffle_rows,
-        lambda x: _layout.unshuffle_rows(_layout.unswizzle_scales(x)),
-    )
+def _then(f: Transform, g: Transform) -> Transform:
+    return lambda x: g(f(x))
 
 
-def _chunked(x, fn: Transform, chunk: int):
+def _pallas_rows(view, perm, pad: Transform):
+    """``(fn, write)`` of a row move as Pallas kernels (see ``_pallas``)."""
+    from . import _pallas
+
+    def fn(x):
+        return _pallas.move_rows(pad(x), view, perm)
+
+    def write(buf, start, block):
+        moved = _pallas.move_rows(buf, view, perm, start=start, experts=block.shape[0])
+        return _pallas.write_block(buf, moved, start)
+
+    return fn, write
+
+
+def _transforms(spec: LayerSpec, inverse: bool, backend: str, pallas: bool = False):
+    """Per array ``(fn, write)``: ``fn`` maps a block of experts to its result;
+    ``write(buf, start, block)``, where not None, puts the result of ``block``
+    into ``buf`` at expert ``start`` itself (the flashinfer kernel writes there).
+    """
+    moves = _moves(spec, FUSE_SCALES)
+    pads = _pad(spec) if not inverse else (lambda x: x,) * 4
+    if inverse:
+        out = [(_apply(m, True), None) for m in moves]
+    else:
+        out = [(_then(pad, _apply(m, False)), None) for pad, m in zip(pads, moves)]
+    if pallas:
+        from . import _pallas
+        sizes = [int(np.prod(s)) for s in spec.shapes(padded=True)]
+        for k in (0, 2):
+            if not _pallas.fits(sizes[k]):
+                continue
+            (view, perm), = moves[k]
+            if inverse:
+                view, perm = tuple(view[p] for p in perm), tuple(int(i) for i in np.argsort(perm))
+            out[k] = _pallas_rows(view, perm, pads[k])
+        for k in (1, 3):  # scales: XLA's transpose into scratch, copied back by a kernel
+            if _pallas.fits(sizes[k]):
+                out[k] = (out[k][0], (lambda f: lambda buf, start, block:
+                                      _pallas.write_block(buf, f(block), start))(out[k][0]))
+    if inverse:
+        return tuple(out)
+    if backend != "xla":
+        # Rows by XLA, then the kernel's swizzle (it must see the rows in order).
+        rows = _moves(spec, fuse=False)
+        for k, pad in ((1, _pad(spec)[1]), (3, _pad(spec)[3])):
+            fn, write = scale_writer(backend, _apply(rows[k][:1], False))
+            out[k] = (_then(pad, fn), write)
+    return tuple(out)
+
+
+def _chunked(x, fn: Transform, chunk: int, write=None):
     """``fn`` applied to ``x`` chunk by chunk of ``chunk`` experts, written back into ``x``.
 
     ``fn`` must keep the shape. Under donation XLA updates the buffer in place,
-    so the scratch is one chunk.
+    so the scratch is one chunk. Each chunk reads the buffer the previous one
+    wrote, so XLA runs them in order and reuses one scratch.
     """
     def step(start, size, buf):
         block = lax.dynamic_slice_in_dim(buf, start, size, axis=0)
+        if write is not None:
+            return write(buf, start, block)
         return lax.dynamic_update_slice_in_dim(buf, fn(block), start, axis=0)
 
     n, tail = divmod(x.shape[0], chunk)
-    if n:
+    if UNROLL or write is not None:  # write needs static offsets
+        for k in range(n):
+            # The barrier keeps XLA from reading later chunks from the buffer
+            # before this write (slice-of-update simplification), which would
+            # keep every chunk's scratch alive at once.
+            x = lax.optimization_barrier(step(k * chunk, chunk, x))
+    elif n:
         x = lax.fori_loop(0, n, lambda k, buf: step(k * chunk, chunk, buf), x)
     if tail:
         x = step(n * chunk, tail, x)
     return x
 
 
-def experts_per_chunk(spec: LayerSpec, chunk_bytes: int | None) -> tuple[int, ...]:
+def use_pallas(arrays) -> bool:
+    """Whether the weights' rows move with the Pallas kernels: on CUDA GPUs, when enabled."""
+    return PALLAS and all(isinstance(x, jax.Array) and
+                          all(d.platform == "gpu" for d in x.devices()) for x in arrays)
+
+
+def free_bytes(x) -> int | None:
+    """Free memory on the device of ``x`` (None where the platform does not say)."""
+    try:
+        dev = next(iter(x.devices()))
+        stats = dev.memory_stats() if dev.platform != "cpu" else None
+    except Exception:  # noqa: BLE001 - memory_stats is best effort on every platform
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return max(0, int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+
+
+def default_chunk_bytes(spec: LayerSpec, free: int | None = None) -> int:
+    """The scratch budget used when ``chunk_bytes`` is None.
+
+    ``1/LAYER_SHARE`` of the layer, at least ``MIN_CHUNK_BYTES``, at most
+    ``1/FREE_SHARE`` of the device's free memory (when known).
+    """
+    budget = max(spec.nbytes // LAYER_SHARE, MIN_CHUNK_BYTES)
+    if free is not None:
+        budget = min(budget, free // FREE_SHARE)
+    return max(1, budget)
+
+
+def experts_per_chunk(spec: LayerSpec, chunk_bytes: int | None,
+                      free: int | None = None) -> tuple[int, ...]:
     """Experts per chunk for each of the four arrays, so a chunk is at most ``chunk_bytes``.
 
     Chunks are made as even as possible (``E = n * chunk + tail`` with a small tail).
     """
     if chunk_bytes is None:
-        # A small slice of the layer, so the scratch stays a few percent of it.
-        budget = min(DEFAULT_CHUNK_BYTES, spec.nbytes // 32)
+        budget = default_chunk_bytes(spec, free)
     elif isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, (int, np.integer)) \
             or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
@@ -98,15 +213,18 @@ def experts_per_chunk(spec: LayerSpec, chunk_bytes: int | None) -> tuple[int, ..
     return tuple(out)
 
 
-def layer_program(spec: LayerSpec, *, inverse: bool, chunks: tuple[int, ...] | None):
+def layer_program(spec: LayerSpec, *, inverse: bool, chunks: tuple[int, ...] | None,
+                  backend: str = "xla", pallas: bool = False):
     """The pure function of four arrays that prepares (or unprepares) one layer.
 
     ``chunks=None`` transforms each array whole (out of place); otherwise each
     array is transformed chunk by chunk into itself (in place when donated).
     It works on any number of experts as long as ``spec`` says so; the
-    sharded path calls it per device on the local experts.
+    sharded path calls it per device on the local experts. ``backend`` is a
+    resolved backend (``"xla"`` or ``"flashinfer"``). ``pallas`` moves the weight
+    rows with Pallas kernels (CUDA; see ``_pallas``).
     """
-    fns = _inverse(spec) if inverse else _forward(spec)
+    fns = _transforms(spec, inverse, backend, pallas)
     if chunks is not None and not inverse and spec.needs_padding:
         raise ValueError("padding changes shapes: a padded layer cannot be prepared in place")
 
@@ -114,18 +232,26 @@ def layer_program(spec: LayerSpec, *, inverse: bool, chunks: tuple[int, ...] | N
         # Dtypes are kept: a bitcast between uint8 and float8 is a full copy in
         # XLA, which would break the one-chunk bound.
         if chunks is None:
-            return tuple(fn(x) for x, fn in zip(arrays, fns))
-        return tuple(_chunked(x, fn, c) for x, fn, c in zip(arrays, fns, chunks))
+            return tuple(fn(x) for x, (fn, _) in zip(arrays, fns))
+        outs = []
+        for x, (fn, write), c in zip(arrays, fns, chunks):
+            if outs:
+                # One array after the other, so their chunks never need scratch at once.
+                x = lax.optimization_barrier((outs[-1], x))[1]
+            outs.append(_chunked(x, fn, c, write))
+        return tuple(outs)
 
     return program
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks, plan=None):
+def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks, backend: str = "xla",
+              pallas: bool = False, plan=None):
     # Padding changes every shape, so no buffer can be reused: transform out of
     # place and let the caller delete the inputs.
     in_place = donate and (inverse or not spec.needs_padding)
-    program = layer_program(spec, inverse=inverse, chunks=chunks if in_place else None)
+    program = layer_program(spec, inverse=inverse, chunks=chunks if in_place else None,
+                            backend=backend, pallas=pallas)
     if plan is not None:  # sharded: the same program on each device's shard (spec is local)
         return _sharding.jit(program, plan, donate=in_place)
     return jax.jit(program, donate_argnums=(0, 1, 2, 3) if in_place else ())
@@ -134,21 +260,32 @@ def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks, plan=None):
 _to_float8 = jax.jit(lambda x: lax.bitcast_convert_type(x, SCALE_DTYPE), donate_argnums=0)
 
 
-def resolve_backend(backend: str, arrays) -> str:
-    """The backend that will run: validates the name before anything is donated."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return "xla"
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A validated call: the per-device ``spec``, the ``chunks`` and the jitted ``program``."""
+
+    arrays: tuple
+    spec: LayerSpec
+    chunks: tuple[int, ...]
+    program: Callable
+    donate: bool
+    inverse: bool
 
 
-def _run(arrays, *, gated, donate, backend, chunk_bytes, inverse, where=""):
+def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") -> Job:
+    """Validate one layer's call and build its program; nothing is run or donated.
+
+    Every refusal of :func:`prepare_layer` is raised here, so callers that handle
+    many layers (``prepare``, ``load``) can check them all before donating any.
+    """
     arrays = tuple(arrays)
     if not isinstance(gated, bool):
         raise TypeError(f"gated must be a bool, got {gated!r}")
     if not isinstance(donate, bool):
         raise TypeError(f"donate must be a bool, got {donate!r}")
-    resolve_backend(backend, arrays)
     spec = check_arrays(arrays, gated=gated, prepared=inverse, where=where)
+    # After check_arrays (arrays are alive), before anything is donated.
+    resolved = "xla" if inverse else resolve_backend(backend, arrays)
     for name, x in zip(NAMES, arrays):
         if not inverse and _marks.is_marked(x):
             raise ValueError(
@@ -160,19 +297,30 @@ def _run(arrays, *, gated, donate, backend, chunk_bytes, inverse, where=""):
     plan = _sharding.plan(arrays, gated=gated, prepared=inverse, where=where)
     if plan is not None:  # sharded over a mesh: sizes and chunks are per device
         spec = plan.local
-    chunks = experts_per_chunk(spec, chunk_bytes)
-    outs = list(_compiled(spec, inverse, donate, chunks, plan)(*arrays))
+    chunks = experts_per_chunk(spec, chunk_bytes,
+                               free_bytes(arrays[0]) if chunk_bytes is None else None)
+    program = _compiled(spec, inverse, donate, chunks, resolved, use_pallas(arrays), plan)
+    return Job(arrays, spec, chunks, program, donate, inverse)
+
+
+def run_job(job: Job) -> tuple:
+    """Run a planned call: outputs with float8 scales; donated inputs are consumed."""
+    outs = list(job.program(*job.arrays))
     for k in (1, 3):
         if outs[k].dtype != SCALE_DTYPE:  # uint8 scale bytes: one copy to float8
             outs[k] = _to_float8(outs[k])
-    if donate:
+    if job.donate:
         # Consumed even where XLA could not reuse them (padding changes shapes).
-        for x in arrays:
+        for x in job.arrays:
             if isinstance(x, jax.Array) and not x.is_deleted():
                 x.delete()
-    if not inverse:  # (unprepared inputs that stay alive keep their mark)
+    if not job.inverse:  # (unprepared inputs that stay alive keep their mark)
         _marks.mark(*outs)
     return tuple(outs)
+
+
+def _run(arrays, **options):
+    return run_job(plan_job(arrays, **options))
 
 
 def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
@@ -200,12 +348,16 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
     donate : bool, keyword-only
         Consume the inputs and work in place in their buffers (extra device memory:
         one chunk). With ``False`` the inputs stay valid and the outputs are new buffers.
-    backend : {"auto", "xla"}, keyword-only
-        ``"xla"`` is pure JAX and runs on every platform; ``"auto"`` picks the best available.
+    backend : {"auto", "xla", "flashinfer"}, keyword-only
+        ``"xla"`` is pure JAX and runs on every platform. ``"flashinfer"`` runs the
+        scale swizzle with flashinfer's ``block_scale_interleave`` kernel inside the
+        jitted program (CUDA only; needs torch and flashinfer; same bytes). ``"auto"``
+        picks flashinfer only on CUDA, when installed, and where measured faster:
+        currently always ``"xla"`` (see ``jax_nvfp4._backends``).
     chunk_bytes : int, optional, keyword-only
-        Scratch budget of the in-place loop (default: 1/32 of the layer, at most
-        256 MiB): larger may be faster, smaller needs less free memory. Ignored with
-        ``donate=False``.
+        Scratch budget of the in-place loop (default: 1/32 of the layer, at least
+        64 MiB, at most 1/8 of the device's free memory): larger may be faster,
+        smaller needs less free memory. Ignored with ``donate=False``.
 
     Returns
     -------
@@ -222,8 +374,12 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
     TypeError
         A wrong dtype or a non-array argument.
     ValueError
-        Inconsistent shapes, ``H % 128 != 0``, ``I % 16 != 0``, an unknown backend, or
-        arrays already prepared or deleted. Nothing is donated when this is raised.
+        Inconsistent shapes, ``H % 128 != 0``, ``I % 16 != 0``, an unknown backend,
+        ``"flashinfer"`` on non-CUDA arrays, or arrays already prepared or deleted.
+        Nothing is donated when this is raised.
+    ImportError
+        ``backend="flashinfer"`` without torch/flashinfer (says what to install);
+        nothing is donated.
 
     Notes
     -----

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import jax
 
-from . import _marks, _sharding
-from ._prepare import _run, resolve_backend
-from ._spec import NAMES, check_arrays
+from . import _marks
+from ._prepare import plan_job, run_job
+from ._spec import NAMES
 
 
 class PreparedLayer(dict):
@@ -84,30 +84,26 @@ def prepare(params, *, gated: bool = True, donate: bool = True, backend: str = "
             f"no MoE layer found: no mapping in params holds all of the keys {NAMES}"
         )
     seen: dict[int, str] = {}
+    jobs = []
     for i, path in layers:
         layer = flat[i][1]
-        arrays = tuple(layer[n] for n in NAMES)
         if is_prepared(layer):
             raise ValueError(
                 f"params{path} is already in the TRT-LLM layout; prepare() refuses to "
                 "shuffle it twice (nothing was changed or donated)"
             )
-        resolve_backend(backend, arrays)
-        check_arrays(arrays, gated=gated, where=f"params{path}.")
-        _sharding.plan(arrays, gated=gated, prepared=False, where=f"params{path}.")
-        for n, x in zip(NAMES, arrays):
+        job = plan_job((layer[n] for n in NAMES), gated=gated, donate=donate, backend=backend,
+                       chunk_bytes=chunk_bytes, inverse=False, where=f"params{path}.")
+        for n, x in zip(NAMES, job.arrays):
             if donate and id(x) in seen:
                 raise ValueError(
                     f"params{path}.{n} is the same array as {seen[id(x)]}; it cannot be "
                     "donated twice (pass donate=False)"
                 )
             seen[id(x)] = f"params{path}.{n}"
+        jobs.append((i, job))
     leaves = [x for _, x in flat]
-    for i, path in layers:
-        layer = leaves[i]
-        outs = _run((layer[n] for n in NAMES), gated=gated, donate=donate, backend=backend,
-                    chunk_bytes=chunk_bytes, inverse=False, where=f"params{path}.")
-        new = PreparedLayer(layer)
-        new.update(zip(NAMES, outs))
-        leaves[i] = new
+    for i, job in jobs:  # every layer validated: now donate, one layer at a time
+        leaves[i] = PreparedLayer(leaves[i])
+        leaves[i].update(zip(NAMES, run_job(job)))
     return jax.tree_util.tree_unflatten(treedef, leaves)

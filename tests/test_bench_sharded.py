@@ -29,7 +29,7 @@ def test_help(capsys):
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (see conftest.py)")
 def test_small_run_is_exact_and_reports_every_device_count(tmp_path):
     out = tmp_path / "sharded.json"
-    assert _load().main(["--small", "--devices", "4", "--out", str(out)]) == 0
+    assert _load().main(["--small", "--devices", "4", "--chunk-mib", "0.02", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["device_count"] == 4
     assert result["check"]["exact"] and result["check"]["sharding_kept"]

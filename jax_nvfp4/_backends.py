@@ -1,0 +1,117 @@
+"""Backends of the scale swizzle: pure XLA, or flashinfer's kernel through torch_bridge.
+
+The row permutations always run in XLA. With ``backend="flashinfer"`` the 128x4
+scale swizzle is flashinfer's ``block_scale_interleave``, called inside the
+jitted program through ``jax.experimental.buffer_callback`` on XLA's stream and
+writing straight into the (donated) scale buffers. torch and flashinfer are
+imported only when that backend is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import jax
+
+BACKENDS = ("auto", "xla", "flashinfer")
+
+# Whether "auto" may pick flashinfer. Measured on an H100 and an H200
+# (benchmarks/NOTES.md): XLA's fused rows + swizzle transpose is faster than
+# the row permutation followed by flashinfer's kernel (which moves one byte per
+# thread), so "auto" stays on XLA. Set from measurements, not from availability.
+AUTO_PICKS_FLASHINFER = False
+
+INSTALL_HINT = 'pip install "jax-nvfp4[flashinfer]" (torch and flashinfer-python>=0.7.2.post1)'
+
+
+def flashinfer_missing() -> str | None:
+    """Why the flashinfer backend cannot run in this process (None when it can)."""
+    for module, what in (("torch", "torch"), ("flashinfer", "flashinfer-python")):
+        if importlib.util.find_spec(module) is None:
+            return f"{what} is not installed; {INSTALL_HINT}"
+    return None
+
+
+def _devices(arrays):
+    out = set()
+    for x in arrays:
+        if isinstance(x, jax.Array) and not x.is_deleted():
+            out |= set(x.devices())
+    return out
+
+
+def _on_cuda(arrays) -> bool:
+    if not all(isinstance(x, jax.Array) for x in arrays):
+        return False
+    devices = _devices(arrays)
+    return bool(devices) and all(
+        d.platform == "gpu" and "rocm" not in str(getattr(d.client, "platform_version", "")).lower()
+        for d in devices)
+
+
+def resolve_backend(backend: str, arrays, *, inverse: bool = False) -> str:
+    """The backend that will run (``"xla"`` or ``"flashinfer"``).
+
+    Checks the name, and for ``"flashinfer"`` that torch and flashinfer import
+    and the arrays live on a CUDA device, before anything is donated. The
+    inverse has no kernel: ``unprepare`` always runs on XLA.
+
+    Raises
+    ------
+    ValueError
+        An unknown backend, or ``"flashinfer"`` for arrays not on a CUDA device.
+    ImportError
+        ``"flashinfer"`` without torch or flashinfer installed (says what to install).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if inverse or backend == "xla":
+        return "xla"
+    if backend == "auto":
+        if AUTO_PICKS_FLASHINFER and _on_cuda(arrays) and flashinfer_missing() is None:
+            return "flashinfer"
+        return "xla"
+    missing = flashinfer_missing()
+    if missing:
+        raise ImportError(f'backend="flashinfer": {missing}; or use backend="xla"')
+    if not _on_cuda(arrays):
+        where = sorted({d.platform for d in _devices(arrays)}) or ["not jax arrays"]
+        raise ValueError(
+            'backend="flashinfer" needs the arrays on a CUDA GPU (flashinfer\'s kernel is '
+            f"CUDA only); they are on {', '.join(where)}. Use backend=\"xla\" (any platform) "
+            "or jax.device_put them to a CUDA device first"
+        )
+    for d in _devices(arrays):
+        _warm_up(d)
+    return "flashinfer"
+
+
+@functools.lru_cache(maxsize=None)
+def _warm_up(device) -> None:
+    """Load (JIT-compile on first use, ~40 s) flashinfer's module outside any jit."""
+    import jax.numpy as jnp
+
+    import torch_bridge
+
+    tiny = jax.device_put(jnp.arange(512, dtype=jnp.uint8).reshape(1, 128, 4), device)
+    jax.block_until_ready(torch_bridge.block_scale_interleave(tiny))
+
+
+def scale_writer(backend: str, rows):
+    """``(fn, write)`` for a scale array: ``rows`` (XLA) then the backend's swizzle.
+
+    ``fn(x)`` returns the result as a new array; ``write(buf, start, block)``
+    writes the result of ``block`` into ``buf`` from expert ``start`` on (``start``
+    a Python int) and returns the updated ``buf``: in place when ``buf`` is donated.
+    """
+    assert backend == "flashinfer", backend
+    import torch_bridge
+
+    def fn(x):
+        return torch_bridge.block_scale_interleave(rows(x)).reshape(x.shape)
+
+    def write(buf, start, block):
+        return torch_bridge.block_scale_interleave(rows(block), out=buf, start=start)
+
+    return fn, write

@@ -1,0 +1,429 @@
+"""``python -m jax_nvfp4 bench``: time prepare_layer against the copy floor and torch baselines.
+
+In one run, per shape: the device's copy bandwidth (the floor is the layer's
+bytes read + written over it), jax_nvfp4 donated / not donated for each
+backend, the scale swizzle alone (XLA vs flashinfer's kernel), and two torch
+implementations written from the published algorithms: sglang before PR
+#26861 (per-expert lists + ``torch.stack``) and after it / vLLM 0.33
+(preallocated outputs, ``index_select(out=)``, one scratch per array). Every
+result is checked byte for byte against an independent reference (the index
+formulas of ``_reference``, run on the device) before its time is kept.
+Times are medians over repeats after a warm-up, synchronized with
+``block_until_ready`` (JAX) or CUDA events (torch). Inputs are random bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _backends, _prepare, _reference
+from ._cli import UserError
+from ._spec import SCALE_DTYPE, LayerSpec
+
+SHAPES = {
+    "deepseek-v3": (256, 7168, 2048),
+    "deepseek-v3-tp8": (256, 7168, 256),
+    "deepseek-v3-ep8": (32, 7168, 2048),
+    "qwen3-30b-a3b": (128, 2048, 768),
+}
+CPU_SHAPES = {"cpu-small": (8, 256, 128), "cpu-tp": (16, 512, 64)}
+NAMES4 = ("w13", "w13_scale", "w2", "w2_scale")
+
+
+def configure(p):
+    p.add_argument("--shape", action="append", default=None,
+                   help=f"a shape name ({', '.join(SHAPES)}) or E,H,I; repeatable "
+                        "(default: all four)")
+    p.add_argument("--cpu", action="store_true",
+                   help="small shapes, few repeats: a smoke run for CPU/CI")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; 2 --cpu)")
+    p.add_argument("--no-torch", dest="torch", action="store_false",
+                   help="skip the torch baselines")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _parse_shape(s: str):
+    if s in SHAPES or s in CPU_SHAPES:
+        return s, {**SHAPES, **CPU_SHAPES}[s]
+    try:
+        e, h, i = (int(v) for v in s.split(","))
+    except ValueError:
+        raise UserError(f"--shape {s!r}: expected one of {list(SHAPES)} or E,H,I") from None
+    return f"{e},{h},{i}", (e, h, i)
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+class _Poller:
+    """Peak of ``bytes_in_use`` of a device while a block runs (JAX's peak cannot be reset)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.ok = device.platform != "cpu" and bool(device.memory_stats())
+        self.peak = 0
+
+    def _now(self) -> int:
+        return int(self.device.memory_stats()["bytes_in_use"]) if self.ok else 0
+
+    def __enter__(self):
+        self.base = self.peak = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        if self.ok:
+            self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._now())
+            time.sleep(5e-5)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.ok:
+            self._thread.join()
+            self.peak = max(self.peak, self._now())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def _median_ms(samples) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def time_jax(fn, make_args, repeats: int, warmup: int = 1):
+    """Median seconds of ``fn(*make_args())`` (args made outside the timed region)."""
+    samples = []
+    for k in range(warmup + repeats):
+        args = jax.block_until_ready(make_args())
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        if k >= warmup:
+            samples.append(time.perf_counter() - t0)
+        del args
+    return samples
+
+
+_invert = jax.jit(lambda x: ~x)  # reads and writes every byte once: what a copy moves
+
+
+def _copy(x):
+    """A fresh buffer with the bytes of ``x`` (to donate while keeping ``x``)."""
+    return jnp.array(x, copy=True)
+
+
+def copy_bandwidth(device, nbytes: int, repeats: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s, bytes read plus written.
+
+    The best of XLA's elementwise pass over uint32 words (uint8 runs at a third
+    of it: XLA moves one byte per thread) and, where torch sees the device,
+    torch's ``copy_`` (cudaMemcpy).
+    """
+    x = jax.device_put(jax.random.bits(jax.random.key(1), (nbytes // 4,), jnp.uint32), device)
+    best = 2 * x.nbytes / statistics.median(time_jax(_invert, lambda: (x,), repeats, warmup=2))
+    if device.platform == "gpu" and _torch_available():
+        import torch
+
+        import torch_bridge
+        src = torch_bridge.to_torch(x)
+        dst = torch.empty_like(src)
+        samples = []
+        for k in range(2 + repeats):
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            dst.copy_(src)
+            t1.record()
+            torch.cuda.synchronize()
+            if k >= 2:
+                samples.append(t0.elapsed_time(t1) / 1e3)
+        best = max(best, 2 * x.nbytes / statistics.median(samples))
+        del src, dst
+        torch.cuda.empty_cache()
+    return best
+
+
+# --- data and reference ---------------------------------------------------------------------
+
+def random_layer(spec: LayerSpec, key, device):
+    """Fresh random bytes (never zeros), scales as float8_e4m3fn, on ``device``."""
+    keys = jax.random.split(key, 4)
+    out = [jax.random.bits(k, s, jnp.uint8) for k, s in zip(keys, spec.shapes(padded=False))]
+    out[1], out[3] = (jax.lax.bitcast_convert_type(s, SCALE_DTYPE) for s in (out[1], out[3]))
+    return [jax.device_put(x, device) for x in out]
+
+
+def _as_u8(x):
+    return x if x.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(x, jnp.uint8)
+
+
+def _swizzle_index(r: int, c: int) -> np.ndarray:
+    """Gather index of the swizzle: ``out.flat[o] = in.flat[idx[o]]`` per expert (no padding)."""
+    rr, cc = np.meshgrid(np.arange(r), np.arange(c), indexing="ij")
+    idx = np.empty(r * c, np.int32)
+    idx[_reference.sf_offset_128x4(0, rr, cc, r, c).reshape(-1)] = np.arange(r * c)
+    return idx
+
+
+@jax.jit
+def _equal(a, b):
+    return jnp.array_equal(_as_u8(a), _as_u8(b))
+
+
+class Reference:
+    """The prepared layer from the reference's index formulas, computed on the device once."""
+
+    def __init__(self, spec: LayerSpec, layer):
+        if spec.needs_padding:
+            raise UserError(f"bench shapes must not need padding (I={spec.intermediate})")
+        self.spec = spec
+        p13 = _reference.w13_row_index(spec.shapes(padded=False)[0][1], gated=spec.gated)
+        p2 = _reference.shuffle_index(spec.hidden)
+
+        def rows(x, p):
+            return jnp.take(_as_u8(x), jnp.asarray(p), axis=1)
+
+        def swz(x):
+            e, r, c = x.shape
+            return jnp.take(x.reshape(e, -1), jnp.asarray(_swizzle_index(r, c)),
+                            axis=1).reshape(e, r, c)
+
+        f = jax.jit(lambda w13, s13, w2, s2: (rows(w13, p13), swz(rows(s13, p13)),
+                                              rows(w2, p2), swz(rows(s2, p2))))
+        self.out = jax.block_until_ready(f(*layer))
+        # The device reference itself against the numpy reference, on a few experts.
+        pick = np.unique(np.random.default_rng(0).integers(0, spec.experts, 3))
+        host = [np.asarray(_as_u8(x))[pick] for x in layer]
+        for name, d, w in zip(NAMES4, self.out,
+                              _reference.prepare_layer(*host, gated=spec.gated)):
+            if not np.array_equal(np.asarray(d)[pick], w):
+                raise AssertionError(f"device reference disagrees with numpy on {name}")
+
+    def check(self, outs, what: str) -> None:
+        for name, got, want in zip(NAMES4, outs, self.out):
+            if tuple(got.shape) != tuple(want.shape) or not bool(_equal(got, want)):
+                raise AssertionError(f"{what}: {name} differs from the reference; not timed")
+
+
+# --- implementations ---------------------------------------------------------------------------
+
+def _jax_rows(spec, layer, ref, repeats, device, label):
+    rows = []
+    backends = ["xla"]
+    if device.platform == "gpu" and _backends.flashinfer_missing() is None:
+        backends.append("flashinfer")
+    for backend in backends:
+        for donate in (True, False):
+            def make():
+                return [_copy(x) for x in layer] if donate else list(layer)
+
+            def call(*xs):
+                return _prepare.prepare_layer(*xs, backend=backend, donate=donate)
+
+            out = call(*make())
+            ref.check(out, f"jax_nvfp4 {backend} donate={donate}")
+            del out
+            samples = time_jax(call, make, repeats)
+            # Transient: polled peak over the inputs during one call, and XLA's own count.
+            args = jax.block_until_ready(make())
+            with _Poller(device) as poll:
+                jax.block_until_ready(call(*args))
+            del args
+            job = _prepare.plan_job(layer, gated=spec.gated, donate=donate, backend=backend,
+                                    chunk_bytes=None, inverse=False)
+            stats = job.program.lower(*layer).compile().memory_analysis()
+            del job
+            analysed = stats.temp_size_in_bytes + stats.output_size_in_bytes \
+                - stats.alias_size_in_bytes
+            rows.append((f"jax_nvfp4 {backend} {'donated' if donate else 'not donated'}",
+                         _median_ms(samples), max(poll.extra, analysed)))
+    return rows
+
+
+def _torch_interleave(torch, device):
+    if device.platform == "gpu":
+        import flashinfer
+        return flashinfer.block_scale_interleave
+
+    def interleave(src):  # CPU stand-in: the same formula (flashinfer's kernel is CUDA only)
+        r, c = src.shape[-2:]
+        x = src.reshape(-1, r // 128, 4, 32, c // 4, 4)
+        return x.permute(0, 1, 4, 3, 2, 5).reshape(-1)
+    return interleave
+
+
+def _torch_rows(spec, layer, ref, repeats):
+    import torch
+    from flashinfer.fused_moe import core as fi_core
+
+    import torch_bridge
+    device = next(iter(layer[0].devices()))
+    interleave = _torch_interleave(torch, device)
+    src = [torch_bridge.to_torch(x) for x in layer]  # zero-copy uint8 views
+    e = spec.experts
+    cache: dict = {}
+    idx = [fi_core._maybe_get_cached_w3_w1_permute_indices(cache, src[0][0], 128,
+                                                            is_gated_act_gemm=spec.gated),
+           fi_core._maybe_get_cached_w3_w1_permute_indices(cache, src[1][0], 128,
+                                                            num_elts_per_sf=16,
+                                                            is_gated_act_gemm=spec.gated),
+           fi_core.get_w2_permute_indices_with_cache(cache, src[2][0], 128),
+           fi_core.get_w2_permute_indices_with_cache(cache, src[3][0], 128, num_elts_per_sf=16)]
+    idx = [i.to(src[0].device) for i in idx]
+
+    def before():  # sglang before PR #26861 (and flashinfer's test helper)
+        lists = ([], [], [], [])
+        for k in range(e):
+            for a, (lst, x, i) in enumerate(zip(lists, src, idx)):
+                v = x[k][i].contiguous()
+                lst.append(interleave(v) if a in (1, 3) else v)
+        return [torch.stack(lst).reshape(x.shape) for lst, x in zip(lists, src)]
+
+    def after():  # sglang after PR #26861 / vLLM 0.33: preallocated, index_select(out=)
+        outs = [torch.empty_like(x) for x in src]
+        scratch = [None, torch.empty_like(src[1][0]), None, torch.empty_like(src[3][0])]
+        for k in range(e):
+            for a, (o, x, i) in enumerate(zip(outs, src, idx)):
+                if a in (1, 3):
+                    torch.index_select(x[k], 0, i, out=scratch[a])
+                    o[k].view(-1).copy_(interleave(scratch[a]))
+                else:
+                    torch.index_select(x[k], 0, i, out=o[k])
+        return outs
+
+    cuda = src[0].is_cuda
+    rows = []
+    for label, fn in (("torch sglang-before (list+stack)", before),
+                      ("torch sglang-after/vLLM (index_select out=)", after)):
+        out = fn()
+        ref.check([torch_bridge.from_torch(o.contiguous()) for o in out], label)
+        del out
+        samples, transient = [], 0
+        for k in range(1 + repeats):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0.record()
+                out = fn()
+                t1.record()
+                torch.cuda.synchronize()
+                dt = t0.elapsed_time(t1) / 1e3
+                transient = max(transient, torch.cuda.max_memory_allocated() - base)
+            else:
+                t = time.perf_counter()
+                out = fn()
+                dt = time.perf_counter() - t
+                transient = spec.nbytes  # the outputs (CPU has no allocator counters)
+            del out
+            if k:
+                samples.append(dt)
+        rows.append((label, _median_ms(samples), transient))
+    del src
+    if cuda:
+        torch.cuda.empty_cache()  # hand torch's cached blocks back for JAX
+    return rows
+
+
+def _swizzle_rows(spec, layer, ref, repeats, device):
+    """The scale swizzle alone on w13's scale bytes: XLA transpose vs flashinfer's kernel."""
+    from . import _layout
+    s13 = jax.block_until_ready(_as_u8(ref.out[1]))  # any bytes; swizzle the reference's
+    want = jax.jit(lambda x: jnp.take(x.reshape(x.shape[0], -1), jnp.asarray(
+        _swizzle_index(*x.shape[1:])), axis=1))(s13)
+    rows = []
+    xla = jax.jit(_layout.swizzle_scales)
+    if not bool(jnp.array_equal(xla(s13).reshape(want.shape), want)):
+        raise AssertionError("xla swizzle differs from the reference")
+    rows.append(("swizzle only: xla", _median_ms(time_jax(xla, lambda: (s13,), repeats)), 0))
+    if device.platform == "gpu" and _backends.flashinfer_missing() is None:
+        import flashinfer
+        import torch
+
+        import torch_bridge
+        src = torch_bridge.to_torch(s13)
+        out = torch.empty(src.numel(), dtype=torch.uint8, device=src.device)
+        flashinfer.block_scale_interleave(src, out=out)
+        if not bool(jnp.array_equal(torch_bridge.from_torch(out).reshape(want.shape), want)):
+            raise AssertionError("flashinfer swizzle differs from the reference")
+        samples = []
+        for k in range(1 + repeats):
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            flashinfer.block_scale_interleave(src, out=out)
+            t1.record()
+            torch.cuda.synchronize()
+            if k:
+                samples.append(t0.elapsed_time(t1) / 1e3)
+        rows.append(("swizzle only: flashinfer kernel", _median_ms(samples), 0))
+        del src, out
+        torch.cuda.empty_cache()
+    return rows, int(np.prod(s13.shape))
+
+
+def run(args) -> int:
+    device = jax.devices()[0]
+    shapes = ([_parse_shape(s) for s in args.shape] if args.shape else
+              list((CPU_SHAPES if args.cpu else SHAPES).items()))
+    repeats = args.repeats or (2 if args.cpu else 10)
+    if repeats < 1:
+        raise UserError("--repeats must be at least 1")
+    largest = max(LayerSpec(*s, True).nbytes for _, s in shapes)
+    bw = copy_bandwidth(device, min(max(largest, 1 << 24), 2 << 30), repeats)
+    print(f"device: {device.device_kind} ({device.platform}); copy bandwidth "
+          f"{bw / 1e9:.0f} GB/s (read + write)")
+    rows = []
+    have_torch = args.torch and _torch_available()
+    for k, (name, (e, h, i)) in enumerate(shapes):
+        spec = LayerSpec(e, h, i, True)
+        layer = random_layer(spec, jax.random.key(1000 + k), device)
+        ref = Reference(spec, layer)
+        floor_ms = 1e3 * 2 * spec.nbytes / bw
+        results = _jax_rows(spec, layer, ref, repeats, device, name)
+        if have_torch:
+            results += _torch_rows(spec, layer, ref, max(1, min(repeats, 3)))
+        for impl, ms, transient in results:
+            rows.append(dict(shape=name, E=e, H=h, I=i, impl=impl, ms=ms,
+                             x_floor=ms / floor_ms, transient_bytes=int(transient),
+                             layer_bytes=spec.nbytes))
+        rows.append(dict(shape=name, E=e, H=h, I=i, impl="copy floor", ms=floor_ms,
+                         x_floor=1.0, transient_bytes=0, layer_bytes=spec.nbytes))
+        if name in ("deepseek-v3", "cpu-small") or len(shapes) == 1:
+            sw, nbytes = _swizzle_rows(spec, layer, ref, repeats, device)
+            for impl, ms, transient in sw:
+                rows.append(dict(shape=name, E=e, H=h, I=i, impl=impl, ms=ms,
+                                 x_floor=ms / (1e3 * 2 * nbytes / bw), transient_bytes=0,
+                                 layer_bytes=nbytes))
+        del layer, ref
+    _print_table(device, bw, rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": f"{device.device_kind} ({device.platform})",
+                       "copy_GBps": bw / 1e9, "rows": rows}, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _torch_available() -> bool:
+    return _backends.flashinfer_missing() is None
+
+
+def _print_table(device, bw, rows):
+    print(f"\n{device.device_kind}: copy {bw / 1e9:.0f} GB/s; transient = peak extra device "
+          "memory during the call over the inputs (JAX: polled bytes_in_use / XLA memory "
+          "analysis; torch: max_memory_allocated)")
+    print(f"| shape (E, H, I) | implementation | ms | x floor | transient |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        share = r["transient_bytes"] / r["layer_bytes"]
+        print(f"| {r['shape']} ({r['E']}, {r['H']}, {r['I']}) | {r['impl']} | {r['ms']:.3f} | "
+              f"{r['x_floor']:.2f}x | {r['transient_bytes'] / 2**20:.0f} MiB ({share:.0%}) |")

@@ -1,0 +1,103 @@
+"""Backend selection and refusals (CPU), and the flashinfer backend's plumbing with a stand-in kernel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jax_nvfp4
+from jax_nvfp4 import _backends, _prepare, _reference
+from jax_nvfp4._spec import LayerSpec
+from helpers import assert_bytes_equal, random_layer, to_jax
+
+
+@pytest.fixture(autouse=True)
+def on_cpu():
+    """These tests are about CPU arrays, also on a machine with a GPU."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
+def test_import_needs_neither_torch_nor_flashinfer():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['flashinfer'] = None\n"
+            "import jax_nvfp4, torch_bridge, jax_nvfp4._backends\n"
+            "assert jax_nvfp4._backends.flashinfer_missing() is None or True\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def test_unknown_backend_is_refused_and_inputs_stay_alive(rng):
+    layer = to_jax(random_layer(rng, 2, 128, 64))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        jax_nvfp4.prepare_layer(*layer, backend="cuda")
+    assert not any(x.is_deleted() for x in layer)
+
+
+def test_auto_and_xla_resolve_to_xla_on_cpu(rng):
+    layer = to_jax(random_layer(rng, 2, 128, 64))
+    assert _backends.resolve_backend("auto", layer) == "xla"
+    assert _backends.resolve_backend("xla", layer) == "xla"
+    assert _backends.resolve_backend("flashinfer", layer, inverse=True) == "xla"
+
+
+def test_flashinfer_on_cpu_arrays_is_refused_before_donation(rng):
+    layer = to_jax(random_layer(rng, 2, 128, 64))
+    with pytest.raises((ValueError, ImportError), match="CUDA|install"):
+        jax_nvfp4.prepare_layer(*layer, backend="flashinfer")
+    assert not any(x.is_deleted() for x in layer)
+    with pytest.raises((ValueError, ImportError), match="CUDA|install"):
+        jax_nvfp4.prepare({"moe": dict(zip(("w13_weight", "w13_weight_scale", "w2_weight",
+                                            "w2_weight_scale"), layer))}, backend="flashinfer")
+    assert not any(x.is_deleted() for x in layer)
+
+
+def test_flashinfer_missing_is_an_import_error_naming_the_extra(rng, monkeypatch):
+    layer = to_jax(random_layer(rng, 2, 128, 64))
+    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=r"jax-nvfp4\[flashinfer\]"):
+        jax_nvfp4.prepare_layer(*layer, backend="flashinfer")
+    assert not any(x.is_deleted() for x in layer)
+
+
+@pytest.fixture
+def stand_in_kernel(monkeypatch):
+    """flashinfer's swizzle as torch reshapes (§3.1 formula), honouring out= like the kernel."""
+    torch = pytest.importorskip("torch")
+    from torch_bridge import _bridge
+    calls = []
+
+    def kernel(src, *, out):
+        b, r, c = src.shape
+        rp, cp = -(-r // 128) * 128, -(-c // 4) * 4
+        x = torch.zeros(b, rp, cp, dtype=torch.uint8)
+        x[:, :r, :c] = src
+        out.copy_(x.reshape(b, rp // 128, 4, 32, cp // 4, 4).permute(0, 1, 4, 3, 2, 5).reshape(-1))
+        calls.append(b)
+        return out
+
+    monkeypatch.setattr(_bridge, "_kernel", kernel)
+    return calls
+
+
+@pytest.mark.parametrize("e, h, i, gated, chunk_bytes", [(5, 256, 128, True, 20000),
+                                                         (3, 128, 128, False, None)])
+@pytest.mark.parametrize("donate", [True, False])
+def test_flashinfer_program_plumbing_on_cpu(rng, stand_in_kernel, e, h, i, gated, chunk_bytes,
+                                            donate):
+    """The jitted program of backend="flashinfer" (buffer_callback, chunk offsets, aliasing)."""
+    layer = random_layer(rng, e, h, i, gated=gated)
+    spec = LayerSpec(e, h, i, gated)
+    arrays = to_jax(layer)
+    pointers = [x.unsafe_buffer_pointer() for x in arrays]
+    chunks = _prepare.experts_per_chunk(spec, chunk_bytes)
+    out = _prepare._compiled(spec, False, donate, chunks, "flashinfer")(*arrays)
+    for name, g, w in zip(("w13", "w13_scale", "w2", "w2_scale"), out,
+                          _reference.prepare_layer(*layer, gated=gated)):
+        assert_bytes_equal(g, w, name)
+    assert stand_in_kernel, "the kernel was not called"
+    if donate:
+        assert [x.unsafe_buffer_pointer() for x in out] == pointers
