@@ -54,7 +54,7 @@ def test_scratch_is_one_chunk(e, h, i, gated, chunk_bytes):
     stats = _prepare._compiled(spec, False, True, chunks).lower(*args).compile().memory_analysis()
     largest_chunk = max(c * s[1] * s[2] for c, s in zip(chunks, spec.shapes(padded=False)))
     assert stats.alias_size_in_bytes == spec.nbytes
-    assert stats.temp_size_in_bytes <= largest_chunk + 4096
+    assert stats.temp_size_in_bytes <= largest_chunk + 16384  # + the loop's bookkeeping
     assert stats.temp_size_in_bytes < spec.nbytes / 8  # one chunk, not one layer
 
 

@@ -36,10 +36,10 @@ def _put(host, specs, mesh, scales=ml_dtypes.float8_e4m3fn):
     if isinstance(specs, P):
         specs = (specs,) * 4
     host = [h if k % 2 == 0 else h.view(scales) for k, h in enumerate(host)]
-    # One XLA-owned buffer per shard: on CPU, device_put may alias numpy memory (from
-    # every replica), and donation then copies instead of working in place.
-    return [jax.make_array_from_callback(h.shape, NamedSharding(mesh, s),
-                                         lambda idx, h=h: jnp.array(h[idx]))
+    # One XLA-owned buffer per shard (a jitted copy): on CPU, device_put may alias numpy
+    # or other host memory, and donation then copies instead of working in place.
+    return [jax.jit(jnp.copy, out_shardings=NamedSharding(mesh, s))(
+                jax.device_put(h, NamedSharding(mesh, s)))
             for h, s in zip(host, specs)]
 
 
