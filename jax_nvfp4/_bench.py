@@ -328,7 +328,7 @@ def _torch_rows(spec, layer, ref, repeats):
             if k:
                 samples.append(dt)
         rows.append((label, _median_ms(samples), transient))
-    del src
+    src.clear()  # drop the torch views of the JAX buffers
     if cuda:
         torch.cuda.empty_cache()  # hand torch's cached blocks back for JAX
     return rows
@@ -421,7 +421,7 @@ def _print_table(device, bw, rows):
     print(f"\n{device.device_kind}: copy {bw / 1e9:.0f} GB/s; transient = peak extra device "
           "memory during the call over the inputs (JAX: polled bytes_in_use / XLA memory "
           "analysis; torch: max_memory_allocated)")
-    print(f"| shape (E, H, I) | implementation | ms | x floor | transient |")
+    print("| shape (E, H, I) | implementation | ms | x floor | transient |")
     print("|---|---|---|---|---|")
     for r in rows:
         share = r["transient_bytes"] / r["layer_bytes"]

@@ -14,14 +14,13 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
 from . import _layout, _marks, _sharding
 from ._spec import BLOCK, NAMES, SCALE_DTYPE, LayerSpec, check_arrays
 
-from ._backends import BACKENDS, resolve_backend, scale_writer
+from ._backends import resolve_backend, scale_writer
 
 # Default scratch per chunk: a share of the layer (so the transient stays a few
 # percent of it), at least MIN_CHUNK_BYTES (so small layers are not cut into

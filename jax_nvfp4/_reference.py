@@ -71,7 +71,7 @@ def _pad_i(w13, s13, w2, s2, i: int, ip: int, gated: bool):
 def prepare_layer(w13, s13, w2, s2, *, gated: bool = True):
     """Reference of ``jax_nvfp4.prepare_layer`` on numpy uint8 arrays; scales returned as uint8."""
     w13, s13, w2, s2 = (np.asarray(a).view(np.uint8) for a in (w13, s13, w2, s2))
-    e, h = w2.shape[0], w2.shape[1]
+    h = w2.shape[1]
     i = 2 * w2.shape[2]
     ip = -(-i // (64 if gated else 128)) * (64 if gated else 128)
     if ip != i:

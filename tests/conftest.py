@@ -38,3 +38,30 @@ def rng(request):
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def on_cpu():
+    """Run on the CPU device, also on a machine with a GPU (for tests about CPU arrays)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
+@pytest.fixture
+def stand_in_kernel(monkeypatch):
+    """flashinfer's swizzle as torch reshapes (§3.1 formula), honouring out= like the kernel."""
+    torch = pytest.importorskip("torch")
+    from torch_bridge import _bridge
+    calls = []
+
+    def kernel(src, *, out):
+        b, r, c = src.shape
+        rp, cp = -(-r // 128) * 128, -(-c // 4) * 4
+        x = torch.zeros(b, rp, cp, dtype=torch.uint8)
+        x[:, :r, :c] = src
+        out.copy_(x.reshape(b, rp // 128, 4, 32, cp // 4, 4).permute(0, 1, 4, 3, 2, 5).reshape(-1))
+        calls.append(b)
+        return out
+
+    monkeypatch.setattr(_bridge, "_kernel", kernel)
+    return calls

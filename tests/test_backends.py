@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 import jax_nvfp4
@@ -15,17 +13,13 @@ from jax_nvfp4._spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 
-@pytest.fixture(autouse=True)
-def on_cpu():
-    """These tests are about CPU arrays, also on a machine with a GPU."""
-    with jax.default_device(jax.devices("cpu")[0]):
-        yield
+pytestmark = pytest.mark.usefixtures("on_cpu")
 
 
 def test_import_needs_neither_torch_nor_flashinfer():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['flashinfer'] = None\n"
             "import jax_nvfp4, torch_bridge, jax_nvfp4._backends\n"
-            "assert jax_nvfp4._backends.flashinfer_missing() is None or True\n")
+            "assert 'torch is not installed' in jax_nvfp4._backends.flashinfer_missing()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
 
@@ -61,26 +55,6 @@ def test_flashinfer_missing_is_an_import_error_naming_the_extra(rng, monkeypatch
     with pytest.raises(ImportError, match=r"jax-nvfp4\[flashinfer\]"):
         jax_nvfp4.prepare_layer(*layer, backend="flashinfer")
     assert not any(x.is_deleted() for x in layer)
-
-
-@pytest.fixture
-def stand_in_kernel(monkeypatch):
-    """flashinfer's swizzle as torch reshapes (§3.1 formula), honouring out= like the kernel."""
-    torch = pytest.importorskip("torch")
-    from torch_bridge import _bridge
-    calls = []
-
-    def kernel(src, *, out):
-        b, r, c = src.shape
-        rp, cp = -(-r // 128) * 128, -(-c // 4) * 4
-        x = torch.zeros(b, rp, cp, dtype=torch.uint8)
-        x[:, :r, :c] = src
-        out.copy_(x.reshape(b, rp // 128, 4, 32, cp // 4, 4).permute(0, 1, 4, 3, 2, 5).reshape(-1))
-        calls.append(b)
-        return out
-
-    monkeypatch.setattr(_bridge, "_kernel", kernel)
-    return calls
 
 
 @pytest.mark.parametrize("e, h, i, gated, chunk_bytes", [(5, 256, 128, True, 20000),

@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 
 import torch_bridge
 from jax_nvfp4 import _reference
-from test_backends import on_cpu, stand_in_kernel  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("on_cpu")  # CPU arrays, also on a GPU machine
 
 
 def test_to_torch_shares_memory(rng):
