@@ -61,6 +61,8 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True) -> dict
         raise UserError(f"{dst} exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve() or src.resolve() in dst.resolve().parents:
         raise UserError(f"{dst} would overwrite or sit inside the source {src}")
+    if dst.resolve() in src.resolve().parents:  # replacing DST would delete SRC
+        raise UserError(f"the source {src} sits inside {dst}; choose another destination")
     start = time.perf_counter()
     with open_checkpoint(src) as ckpt:
         if ckpt.prepared:

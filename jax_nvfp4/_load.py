@@ -168,6 +168,11 @@ def load(path, *, prepare: bool = True, sharding=None, layers=None) -> dict:
         raise TypeError(f"sharding must be a jax.sharding.Sharding, got {type(sharding).__name__}")
     if not isinstance(prepare, bool):
         raise TypeError(f"prepare must be a bool, got {prepare!r}")
+    if sharding is not None and len(sharding.device_set) > 1 \
+            and not isinstance(sharding, jax.sharding.NamedSharding):
+        raise TypeError(
+            f"sharding must be a NamedSharding(mesh, PartitionSpec('expert')) to split the "
+            f"experts over {len(sharding.device_set)} devices, got {type(sharding).__name__}")
     with open_checkpoint(path) as ckpt:
         if ckpt.prepared and prepare:
             raise ValueError(

@@ -283,8 +283,6 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
     if not isinstance(donate, bool):
         raise TypeError(f"donate must be a bool, got {donate!r}")
     spec = check_arrays(arrays, gated=gated, prepared=inverse, where=where)
-    # After check_arrays (arrays are alive), before anything is donated.
-    resolved = "xla" if inverse else resolve_backend(backend, arrays)
     for name, x in zip(NAMES, arrays):
         if not inverse and _marks.is_marked(x):
             raise ValueError(
@@ -294,6 +292,8 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
     if len({id(x) for x in arrays}) != 4:
         raise ValueError("the four arrays must be distinct objects")
     plan = _sharding.plan(arrays, gated=gated, prepared=inverse, where=where)
+    # Last of the checks: "flashinfer" may compile its module (~40 s) on first use.
+    resolved = resolve_backend(backend, arrays, inverse=inverse)
     if plan is not None:  # sharded over a mesh: sizes and chunks are per device
         spec = plan.local
     chunks = experts_per_chunk(spec, chunk_bytes,
@@ -402,7 +402,8 @@ def unprepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
     Takes the arrays ``prepare_layer`` returned (shapes as listed there, with ``I``
     already padded) and returns them in the linear layout, scales as
     float8_e4m3fn. Padding added by ``prepare_layer`` is kept. Options as in
-    :func:`prepare_layer`.
+    :func:`prepare_layer`, except that every backend name is accepted but the inverse
+    always runs on XLA (flashinfer has no inverse kernel).
     """
     return _run((w13_weight, w13_weight_scale, w2_weight, w2_weight_scale), gated=gated,
                 donate=donate, backend=backend, chunk_bytes=chunk_bytes, inverse=True)

@@ -76,6 +76,14 @@ def plan(arrays, *, gated: bool, prepared: bool, where: str = "") -> Plan | None
                     "devices; only NamedSharding(mesh, PartitionSpec(...)) is supported "
                     "(shard the expert axis, axis 0)"
                 )
+        devices = [s.device_set if s is not None else None for s in shardings]
+        for name, d in zip(NAMES[1:], devices[1:]):
+            if d is not None and devices[0] is not None and d != devices[0]:
+                raise ValueError(
+                    f"{where}{name} is on {sorted(map(str, d))}, but {where}{NAMES[0]} is on "
+                    f"{sorted(map(str, devices[0]))}; the four arrays must live on the same "
+                    "device (or be sharded on one mesh)"
+                )
         return None
     mesh = shardings[named.index(True)].mesh
     first = NAMES[named.index(True)]

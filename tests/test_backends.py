@@ -29,6 +29,10 @@ def test_unknown_backend_is_refused_and_inputs_stay_alive(rng):
     with pytest.raises(ValueError, match="backend must be one of"):
         jax_nvfp4.prepare_layer(*layer, backend="cuda")
     assert not any(x.is_deleted() for x in layer)
+    out = jax_nvfp4.prepare_layer(*layer)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        jax_nvfp4.unprepare_layer(*out, backend="cuda")
+    assert not any(x.is_deleted() for x in out)
 
 
 def test_auto_and_xla_resolve_to_xla_on_cpu(rng):

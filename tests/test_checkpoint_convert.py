@@ -159,3 +159,13 @@ def test_dst_inside_src_is_refused(tmp_path, rng):
         _convert.convert(tmp_path, tmp_path / "out", progress=False)
     with pytest.raises(UserError, match="overwrite or sit inside"):
         _convert.convert(tmp_path, tmp_path, overwrite=True, progress=False)
+
+
+def test_src_inside_dst_is_refused(tmp_path, rng):
+    src = tmp_path / "models" / "src"
+    write_checkpoint(src, layers=1, experts=2, seed=_seed(rng))
+    (tmp_path / "models" / "other").write_text("keep me")
+    with pytest.raises(UserError, match="sits inside"):  # --overwrite would delete models/
+        _convert.convert(src, tmp_path / "models", overwrite=True, progress=False)
+    assert (tmp_path / "models" / "other").read_text() == "keep me"
+    assert (src / "config.json").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -144,3 +145,12 @@ def test_unprepare_without_donation_keeps_the_mark(layer):
     with pytest.raises(ValueError, match="already in the TRT-LLM layout"):
         jax_nvfp4.prepare_layer(*out)  # ...and still refuse a second shuffle
     _assert_alive(out)
+
+
+def test_arrays_on_different_devices_are_refused_before_donation(rng, layer):
+    cpus = jax.devices("cpu")
+    moved = [jax.device_put(x, cpus[1]) if k == 3 else jax.device_put(x, cpus[0])
+             for k, x in enumerate(layer)]
+    with pytest.raises(ValueError, match="w2_weight_scale is on .* the same device"):
+        jax_nvfp4.prepare_layer(*moved)
+    _assert_alive(moved)
