@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from . import _marks
+from . import _marks, _sharding
 from ._prepare import _transforms
 from ._spec import BLOCK, NAMES, SCALE_DTYPE, LayerSpec, check_arrays
 
@@ -107,6 +107,12 @@ def dequantize_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *
     float8_e4m3fn (``0x7f``, ``0xff``) gives NaN for its 16 values. The result
     is 8 bytes per packed byte: slice a few experts of a large layer first.
 
+    Arrays sharded like :func:`prepare_layer` accepts them (``NamedSharding`` over the
+    experts, and over ``I`` for tensor parallelism) are dequantized where they lie, each
+    device's block as its own layer, and the results are split like the weights.
+    Under a caller's ``jax.jit`` the function is traced as one program instead (the
+    expert-local work needs no communication there either).
+
     Raises
     ------
     TypeError, ValueError
@@ -128,4 +134,20 @@ def dequantize_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *
                     f"{name} is in the TRT-LLM layout (it came out of prepare); read it "
                     "with layout='trtllm'"
                 )
-    return _program(spec, layout)(*arrays)
+    if any(isinstance(x, jax.core.Tracer) for x in arrays):
+        return _program(spec, layout)(*arrays)
+    plan = _sharding.plan(arrays, gated=gated, prepared=layout == "trtllm")
+    if plan is None:
+        return _program(spec, layout)(*arrays)
+    return _sharded_program(plan, layout)(*arrays)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_program(plan, layout: str):
+    # Each device dequantizes its own block as its own layer (expert and, for tensor
+    # parallelism, intermediate splits), as prepare does: no communication, and the
+    # float outputs are split like the weights they come from.
+    specs = tuple(s.spec for s in plan.shardings)
+    mapped = _sharding.shard_map(_program(plan.local, layout), plan.mesh, in_specs=specs,
+                                 out_specs=(specs[0], specs[2]))
+    return jax.jit(mapped, out_shardings=(plan.shardings[0], plan.shardings[2]))

@@ -135,7 +135,7 @@ def plan(arrays, *, gated: bool, prepared: bool, where: str = "") -> Plan | None
     return Plan(shardings=tuple(shardings), local=local)
 
 
-def _shard_map(f, mesh, in_specs, out_specs):
+def shard_map(f, mesh, in_specs, out_specs):
     # No replication checks: the program is per device by construction, and
     # Pallas calls inside it declare no varying mesh axes.
     if hasattr(jax, "shard_map"):  # jax >= 0.7
@@ -152,6 +152,6 @@ def jit(program, plan: Plan, *, donate: bool):
     shardings, so donated buffers are reused in place on every device.
     """
     specs = tuple(s.spec for s in plan.shardings)
-    mapped = _shard_map(program, plan.mesh, in_specs=specs, out_specs=specs)
+    mapped = shard_map(program, plan.mesh, in_specs=specs, out_specs=specs)
     return jax.jit(mapped, out_shardings=plan.shardings,
                    donate_argnums=(0, 1, 2, 3) if donate else ())

@@ -150,3 +150,40 @@ def test_expert_sharded_inputs_stay_sharded(rng):
         assert x.sharding.is_equivalent_to(sharding, x.ndim)
     assert_same_floats(got[0], dequantize_numpy(host[0], host[1]), "w13")
     assert_same_floats(got[1], dequantize_numpy(host[2], host[3]), "w2")
+
+
+@pytest.mark.parametrize("layout", ["linear", "trtllm"])
+def test_explicit_mesh_expert_sharded(rng, layout):
+    """jax.make_mesh (explicit axes by default on new jax), outside jit: per device."""
+    mesh = jax.make_mesh((4,), ("expert",), devices=jax.devices("cpu")[:4])
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert"))
+    host = random_layer(rng, 8, 128, 64, gated=True)
+    arrays = to_jax(host)
+    if layout == "trtllm":
+        arrays = jax_nvfp4.prepare_layer(*arrays)
+    got = jax_nvfp4.dequantize_layer(*[jax.device_put(x, sharding) for x in arrays],
+                                     layout=layout)
+    assert got[0].sharding == sharding and got[1].sharding == sharding
+    assert_same_floats(got[0], dequantize_numpy(host[0], host[1]), "w13")
+    assert_same_floats(got[1], dequantize_numpy(host[2], host[3]), "w2")
+
+
+def test_tensor_parallel_trtllm_equals_linear(rng):
+    """I split over "tp": each device's slice is its own [up; gate] layer (README recipe)."""
+    P = jax.sharding.PartitionSpec
+    mesh = jax.make_mesh((2, 2), ("expert", "tp"), devices=jax.devices("cpu")[:4])
+    specs = (P("expert", "tp"), P("expert", "tp"), P("expert", None, "tp"),
+             P("expert", None, "tp"))
+    tp, e, h, i = 2, 4, 128, 128
+    host = random_layer(rng, e, h, i, gated=True)
+    for k in (0, 1):  # [up; gate] -> [up_0; gate_0; up_1; gate_1]
+        x = host[k]
+        host[k] = x.reshape(e, 2, tp, i // tp, -1).swapaxes(1, 2).reshape(e, 2 * i, -1)
+    put = [jax.device_put(x, jax.sharding.NamedSharding(mesh, p))
+           for x, p in zip(to_jax(host), specs)]
+    linear = jax_nvfp4.dequantize_layer(*put)
+    prepared = jax_nvfp4.prepare_layer(*put, donate=False)
+    trtllm = jax_nvfp4.dequantize_layer(*prepared, layout="trtllm")
+    assert_same_floats(linear[0], dequantize_numpy(host[0], host[1]), "w13 linear")
+    assert_same_floats(trtllm[0], linear[0], "w13")
+    assert_same_floats(trtllm[1], linear[1], "w2")
