@@ -25,7 +25,8 @@ import numpy as np
 
 from . import _backends, _prepare, _reference
 from ._cli import UserError
-from ._spec import SCALE_DTYPE, LayerSpec
+from ._spec import LayerSpec
+from .testing import random_device_layer
 
 SHAPES = {
     "deepseek-v3": (256, 7168, 2048),
@@ -152,14 +153,6 @@ def copy_bandwidth(device, nbytes: int, repeats: int) -> float:
 
 
 # --- data and reference ---------------------------------------------------------------------
-
-def random_layer(spec: LayerSpec, key, device):
-    """Fresh random bytes (never zeros), scales as float8_e4m3fn, on ``device``."""
-    keys = jax.random.split(key, 4)
-    out = [jax.random.bits(k, s, jnp.uint8) for k, s in zip(keys, spec.shapes(padded=False))]
-    out[1], out[3] = (jax.lax.bitcast_convert_type(s, SCALE_DTYPE) for s in (out[1], out[3]))
-    return [jax.device_put(x, device) for x in out]
-
 
 def _as_u8(x):
     return x if x.dtype == jnp.uint8 else jax.lax.bitcast_convert_type(x, jnp.uint8)
@@ -385,7 +378,8 @@ def run(args) -> int:
     have_torch = args.torch and _torch_available()
     for k, (name, (e, h, i)) in enumerate(shapes):
         spec = LayerSpec(e, h, i, True)
-        layer = random_layer(spec, jax.random.key(1000 + k), device)
+        layer = random_device_layer(jax.random.key(1000 + k), spec.experts, spec.hidden,
+                                    spec.intermediate, gated=spec.gated, device=device)
         ref = Reference(spec, layer)
         floor_ms = 1e3 * 2 * spec.nbytes / bw
         results = _jax_rows(spec, layer, ref, repeats, device, name)

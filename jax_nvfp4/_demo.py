@@ -11,6 +11,7 @@ import numpy as np
 from . import _reference
 from ._prepare import plan_job, prepare_layer, run_job
 from ._spec import SCALE_DTYPE, LayerSpec, check_arrays
+from .testing import random_device_layer
 
 
 def configure(p):
@@ -22,7 +23,8 @@ def configure(p):
     p.add_argument("--not-gated", dest="gated", action="store_false",
                    help="w13 holds I rows (no gated activation)")
     p.add_argument("--chunk-mib", type=float, default=None,
-                   help="scratch budget of the in-place loop in MiB (default 256)")
+                   help="scratch budget of the in-place loop in MiB (default: 1/32 of the "
+                        "layer, at least 64 MiB, at most 1/8 of free device memory)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
 
 
@@ -32,14 +34,6 @@ def _default_experts(spec_for_one: LayerSpec, device) -> int:
         return 8
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     return int(max(1, min(256, 0.4 * free // spec_for_one.nbytes)))
-
-
-def random_layer(spec: LayerSpec, key):
-    """Fresh random bytes for the four arrays (never zeros), scales as float8_e4m3fn."""
-    keys = jax.random.split(key, 4)
-    out = [jax.random.bits(k, s, jnp.uint8) for k, s in zip(keys, spec.shapes(padded=False))]
-    out[1], out[3] = (jax.lax.bitcast_convert_type(s, SCALE_DTYPE) for s in (out[1], out[3]))
-    return out
 
 
 def run(args) -> int:
@@ -59,12 +53,14 @@ def run(args) -> int:
 
     # Warm up (compile) on one random layer, then time a second one.
     t0 = time.perf_counter()
-    warmup = random_layer(spec, jax.random.key(seed + 1))
+    warmup = random_device_layer(jax.random.key(seed + 1), e, spec.hidden, spec.intermediate,
+                                 gated=spec.gated)
     jax.block_until_ready(prepare_layer(*warmup, gated=spec.gated, chunk_bytes=chunk_bytes))
     first = time.perf_counter() - t0
     del warmup
 
-    layer = random_layer(spec, jax.random.key(seed))
+    layer = random_device_layer(jax.random.key(seed), e, spec.hidden, spec.intermediate,
+                                gated=spec.gated)
     # The reference runs on a few experts (all of them when small): it is numpy and slow.
     pick = np.unique(np.random.default_rng(seed).integers(0, e, size=min(e, 4)))
     host = [np.asarray(x).view(np.uint8)[pick] for x in layer]

@@ -23,11 +23,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-# Row blocks of the epilogue-tile-128 shuffle (flashinfer: block 32 = 8 x 4).
-SHUFFLE_ROWS = 32
-# The 128x4 scale tile of the TRT-LLM kernels.
-TILE_ROWS, TILE_COLS = 128, 4
-
 
 def move(x, view, perm):
     """``x`` ``[E, rows, cols]`` viewed as ``[E, *view]``, the view axes permuted by
@@ -83,26 +78,6 @@ def gated_rows_swizzle_move(r: int, c: int):
     so the source view ``(h, Q, q0, u, j, C/4, 4)`` goes to ``(Q, C/4, j, h, u, q0, 4)``.
     """
     return (2, r // 128, 4, 8, 2, c // 4, 4), (1, 5, 4, 0, 3, 2, 6)
-
-
-def shuffle_rows(x):
-    """Epilogue-tile shuffle of the rows of ``x`` ``[E, M, K]``, ``M % 32 == 0``."""
-    return move(x, *rows_move(*x.shape[1:]))
-
-
-def unshuffle_rows(x):
-    """Inverse of :func:`shuffle_rows`."""
-    return unmove(x, *rows_move(*x.shape[1:]))
-
-
-def shuffle_gated_rows(x):
-    """w3/w1 interleave + shuffle of ``x`` ``[E, 2I, K]`` (rows ``[up; gate]``), ``I % 16 == 0``."""
-    return move(x, *gated_rows_move(*x.shape[1:]))
-
-
-def unshuffle_gated_rows(x):
-    """Inverse of :func:`shuffle_gated_rows`."""
-    return unmove(x, *gated_rows_move(*x.shape[1:]))
 
 
 def swizzle_scales(x):

@@ -38,12 +38,6 @@ def _is_layer(x) -> bool:
     return isinstance(x, Mapping) and all(n in x for n in NAMES)
 
 
-def moe_layers(params):
-    """``[(path, layer)]`` of every mapping in ``params`` that holds the four MoE keys."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_layer)
-    return [(jax.tree_util.keystr(p), x) for p, x in flat if _is_layer(x)]
-
-
 def is_prepared(layer) -> bool:
     """Whether a layer mapping (or one array) is already in the TRT-LLM layout."""
     if isinstance(layer, PreparedLayer):

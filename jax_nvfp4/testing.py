@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext as _nullcontext
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ._spec import LayerSpec
+from ._spec import SCALE_DTYPE, LayerSpec
 
 
 def random_layer(rng: np.random.Generator, experts: int, hidden: int, intermediate: int, *,
@@ -18,6 +22,23 @@ def random_layer(rng: np.random.Generator, experts: int, hidden: int, intermedia
     """
     spec = LayerSpec(experts, hidden, intermediate, gated)
     return [rng.integers(0, 256, size=s, dtype=np.uint8) for s in spec.shapes(padded=False)]
+
+
+def random_device_layer(key, experts: int, hidden: int, intermediate: int, *,
+                        gated: bool = True, device=None) -> list[jax.Array]:
+    """Random bytes shaped like one MoE layer, drawn on the device (no host copy).
+
+    Returns jax arrays ``[w13_weight, w13_weight_scale, w2_weight, w2_weight_scale]``
+    as :func:`random_layer` shapes them, weights uint8 and scales float8_e4m3fn (any bit
+    pattern), on ``device`` (default: JAX's default device). For layers too large to
+    build on the host, e.g. a DeepSeek-V3 layer of 5.9 GiB.
+    """
+    spec = LayerSpec(experts, hidden, intermediate, gated)
+    with jax.default_device(device) if device is not None else _nullcontext():
+        keys = jax.random.split(key, 4)
+        out = [jax.random.bits(k, s, jnp.uint8) for k, s in zip(keys, spec.shapes(padded=False))]
+        out[1], out[3] = (jax.lax.bitcast_convert_type(x, SCALE_DTYPE) for x in (out[1], out[3]))
+    return out
 
 
 def write_checkpoint(path, *, naming: str = "qwen3", layers: int = 2, experts: int = 4,

@@ -86,6 +86,7 @@ def test_eager_bridge_writes_into_jax_memory(rng):
     assert back.unsafe_buffer_pointer() == t.data_ptr()
     del t, back
     jax.jit(lambda a: a ^ 1, donate_argnums=0)(scales)  # no view left to block donation
+    assert scales.is_deleted()
 
 
 def test_200_prepares_interleaved_with_jax_work_have_no_race(rng):

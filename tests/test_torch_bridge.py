@@ -83,8 +83,10 @@ def test_eager_swizzle_writes_into_the_jax_buffer(rng, stand_in_kernel):
     np.testing.assert_array_equal(flat[per:4 * per], _reference.swizzle(b))
     np.testing.assert_array_equal(flat[:per], before[:per])  # other experts untouched
     np.testing.assert_array_equal(flat[4 * per:], before[4 * per:])
-    # No view outlives the call: the buffer can be donated.
+    del flat, out  # (numpy's zero-copy view would hold the buffer too)
+    # No torch view outlives the call: the buffer can be donated.
     jax.jit(lambda a: a + 1, donate_argnums=0)(got)
+    assert got.is_deleted()
 
 
 def test_out_too_small_is_refused(rng):
