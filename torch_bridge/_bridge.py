@@ -205,7 +205,7 @@ def block_scale_interleave(scales, *, out=None, start: int = 0):
         rounded up to 128, ``Cp`` = ``C`` to 4), any shape. Experts ``start`` ..
         ``start + E - 1`` are written.
     start : int, keyword-only
-        First expert of ``out`` written.
+        First expert of ``out`` written (0 without ``out``).
 
     Returns
     -------
@@ -221,10 +221,20 @@ def block_scale_interleave(scales, *, out=None, start: int = 0):
         torch or flashinfer missing.
     MemoryError
         torch could not get GPU memory next to JAX's preallocated pool (with what to set).
+
+    Notes
+    -----
+    The eager form with ``out`` writes into a live JAX array behind XLA's back: torch
+    waits for the work that produced ``out``, but not for JAX work still *reading* it,
+    and host copies JAX made of ``out`` earlier are not refreshed. Finish such work
+    first (``jax.block_until_ready`` on its results), or use the jitted form, which
+    runs on XLA's stream with ``out`` donated and has neither caveat.
     """
     b, r, c, rp, cp = _sizes(scales)
     if out is not None:
         _check_out(out, b, rp, cp, start)
+    elif start != 0:
+        raise ValueError(f"start={start} needs out= (a new output holds experts 0..{b - 1})")
     if isinstance(scales, jax.core.Tracer) or isinstance(out, jax.core.Tracer):
         return _in_jit(scales, out, start, (b, r, c, rp, cp))
     torch = _torch()
