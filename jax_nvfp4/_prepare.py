@@ -184,8 +184,9 @@ def default_chunk_bytes(spec: LayerSpec, free: int | None = None) -> int:
     ``1/FREE_SHARE`` of the device's free memory (when known).
     """
     budget = max(spec.nbytes // LAYER_SHARE, MIN_CHUNK_BYTES)
-    if free is not None:
-        budget = min(budget, free // FREE_SHARE)
+    if free is not None and free // FREE_SHARE < budget:
+        # A power of two, so layers prepared as free memory shrinks share programs.
+        budget = 1 << max(0, (free // FREE_SHARE).bit_length() - 1)
     return max(1, budget)
 
 

@@ -68,3 +68,13 @@ def test_chunks_follow_the_budget():
     # the default stays a small share of the layer
     default = _prepare.experts_per_chunk(spec, None)[0]
     assert default * per_expert_w13 <= spec.nbytes / 16
+
+
+def test_default_chunk_follows_free_memory():
+    spec = LayerSpec(256, 7168, 2048, True)
+    roomy = _prepare.default_chunk_bytes(spec, free=10**12)
+    assert roomy == spec.nbytes // _prepare.LAYER_SHARE  # the layer's share when memory allows
+    tight = [_prepare.default_chunk_bytes(spec, free=f) for f in (800 << 20, 900 << 20)]
+    # at most 1/8 of what is free, as a power of two so programs are reused as it shrinks
+    assert tight == [64 << 20, 64 << 20]
+    assert _prepare.default_chunk_bytes(spec, free=8 << 20) == 1 << 20
