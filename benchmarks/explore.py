@@ -79,7 +79,7 @@ def main():
             try:
                 ref.check(call(*make()), "variant")
                 s = _bench.time_jax(call, make, a.repeats)
-                chunks = _prepare.experts_per_chunk(spec, cb, _prepare.free_bytes(layer[0]))
+                chunks = _prepare.experts_per_chunk(spec, cb, _prepare.free_bytes(next(iter(layer[0].devices()))))
                 abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in layer]
                 st = _prepare._compiled(spec, False, donate, chunks, "xla", pallas).lower(
                     *abstract).compile().memory_analysis()

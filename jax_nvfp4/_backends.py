@@ -13,6 +13,7 @@ import functools
 import importlib.util
 
 import jax
+from torch_bridge._bridge import INSTALL_HINT
 
 BACKENDS = ("auto", "xla", "flashinfer")
 
@@ -22,7 +23,6 @@ BACKENDS = ("auto", "xla", "flashinfer")
 # thread), so "auto" stays on XLA. Set from measurements, not from availability.
 AUTO_PICKS_FLASHINFER = False
 
-INSTALL_HINT = 'pip install "jax-nvfp4[flashinfer]" (torch and flashinfer-python>=0.7.2.post1)'
 
 
 def flashinfer_missing() -> str | None:

@@ -131,7 +131,7 @@ def copy_bandwidth(device, nbytes: int, repeats: int) -> float:
     """
     x = jax.device_put(jax.random.bits(jax.random.key(1), (nbytes // 4,), jnp.uint32), device)
     best = 2 * x.nbytes / statistics.median(time_jax(_invert, lambda: (x,), repeats, warmup=2))
-    if device.platform == "gpu" and _torch_available():
+    if device.platform == "gpu" and _backends.flashinfer_missing() is None:
         import torch
 
         import torch_bridge
@@ -375,7 +375,7 @@ def run(args) -> int:
     print(f"device: {device.device_kind} ({device.platform}); copy bandwidth "
           f"{bw / 1e9:.0f} GB/s (read + write)")
     rows = []
-    have_torch = args.torch and _torch_available()
+    have_torch = args.torch and _backends.flashinfer_missing() is None
     for k, (name, (e, h, i)) in enumerate(shapes):
         spec = LayerSpec(e, h, i, True)
         layer = random_device_layer(jax.random.key(1000 + k), spec.experts, spec.hidden,
@@ -405,10 +405,6 @@ def run(args) -> int:
                        "copy_GBps": bw / 1e9, "rows": rows}, f, indent=1)
         print(f"wrote {args.out}")
     return 0
-
-
-def _torch_available() -> bool:
-    return _backends.flashinfer_missing() is None
 
 
 def _print_table(device, bw, rows):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _reference
-from ._prepare import plan_job, prepare_layer, run_job
+from ._prepare import free_bytes, plan_job, prepare_layer, run_job
 from ._spec import SCALE_DTYPE, LayerSpec, check_arrays
 from .testing import random_device_layer
 
@@ -29,10 +29,9 @@ def configure(p):
 
 
 def _default_experts(spec_for_one: LayerSpec, device) -> int:
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if not stats or "bytes_limit" not in stats:
+    free = free_bytes(device)
+    if free is None:
         return 8
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     return int(max(1, min(256, 0.4 * free // spec_for_one.nbytes)))
 
 

@@ -126,9 +126,9 @@ def _transforms(spec: LayerSpec, inverse: bool, backend: str, pallas: bool = Fal
     if backend != "xla":
         # Rows by XLA, then the kernel's swizzle (it must see the rows in order).
         rows = _moves(spec, fuse=False)
-        for k, pad in ((1, _pad(spec)[1]), (3, _pad(spec)[3])):
+        for k in (1, 3):
             fn, write = scale_writer(backend, _apply(rows[k][:1], False))
-            out[k] = (_then(pad, fn), write)
+            out[k] = (_then(pads[k], fn), write)
     return tuple(out)
 
 
@@ -165,11 +165,10 @@ def use_pallas(arrays) -> bool:
                           all(d.platform == "gpu" for d in x.devices()) for x in arrays)
 
 
-def free_bytes(x) -> int | None:
-    """Free memory on the device of ``x`` (None where the platform does not say)."""
+def free_bytes(device) -> int | None:
+    """Free memory on ``device`` (None where the platform does not say)."""
     try:
-        dev = next(iter(x.devices()))
-        stats = dev.memory_stats() if dev.platform != "cpu" else None
+        stats = device.memory_stats() if device.platform != "cpu" else None
     except Exception:  # noqa: BLE001 - memory_stats is best effort on every platform
         return None
     if not stats or "bytes_limit" not in stats:
@@ -297,8 +296,9 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
     resolved = resolve_backend(backend, arrays, inverse=inverse)
     if plan is not None:  # sharded over a mesh: sizes and chunks are per device
         spec = plan.local
-    chunks = experts_per_chunk(spec, chunk_bytes,
-                               free_bytes(arrays[0]) if chunk_bytes is None else None)
+    free = (free_bytes(next(iter(arrays[0].devices())))
+            if chunk_bytes is None and isinstance(arrays[0], jax.Array) else None)
+    chunks = experts_per_chunk(spec, chunk_bytes, free)
     program = _compiled(spec, inverse, donate, chunks, resolved, use_pallas(arrays), plan)
     return Job(arrays, spec, chunks, program, donate, inverse)
 
