@@ -1,10 +1,13 @@
-"""Backends of the scale swizzle: pure XLA, or flashinfer's kernel through torch_bridge.
+"""Backends: pure XLA, Triton kernels, or flashinfer's swizzle kernel through torch_bridge.
 
-The row permutations always run in XLA. With ``backend="flashinfer"`` the 128x4
-scale swizzle is flashinfer's ``block_scale_interleave``, called inside the
-jitted program through ``jax.experimental.buffer_callback`` on XLA's stream and
-writing straight into the (donated) scale buffers. torch and flashinfer are
-imported only when that backend is asked for.
+* ``"xla"``: reshapes and transposes (Pallas row kernels for the weights on CUDA).
+* ``"triton"``: every array moved by the Triton kernels of ``_triton`` (CUDA).
+* ``"flashinfer"``: rows in XLA, the 128x4 scale swizzle by flashinfer's
+  ``block_scale_interleave``.
+
+The last two run inside the jitted program through
+``jax.experimental.buffer_callback`` on XLA's stream, writing straight into the
+(donated) buffers. torch, triton and flashinfer are imported only when asked for.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import importlib.util
 import jax
 from torch_bridge._bridge import INSTALL_HINT
 
-BACKENDS = ("auto", "xla", "flashinfer")
+BACKENDS = ("auto", "xla", "triton", "flashinfer")
 
 # Whether "auto" may pick flashinfer. Measured on an H100 and an H200
 # (benchmarks/NOTES.md): XLA's fused rows + swizzle transpose is faster than
 # the row permutation followed by flashinfer's kernel (which moves one byte per
 # thread), so "auto" stays on XLA. Set from measurements, not from availability.
 AUTO_PICKS_FLASHINFER = False
+# Whether "auto" picks the Triton kernels on CUDA when torch and triton import
+# (measured: benchmarks/NOTES.md).
+AUTO_PICKS_TRITON = True
 
 
 
@@ -50,36 +56,59 @@ def _on_cuda(arrays) -> bool:
         for d in devices)
 
 
-def resolve_backend(backend: str, arrays, *, inverse: bool = False) -> str:
-    """The backend that will run (``"xla"`` or ``"flashinfer"``).
+def _where(arrays) -> str:
+    return ", ".join(sorted({d.platform for d in _devices(arrays)}) or ["not jax arrays"])
 
-    Checks the name, and for ``"flashinfer"`` that torch and flashinfer import
-    and the arrays live on a CUDA device, before anything is donated. The
-    inverse has no kernel: ``unprepare`` always runs on XLA.
+
+def _on_cpu(arrays) -> bool:
+    devices = _devices(arrays)
+    return bool(devices) and all(d.platform == "cpu" for d in devices)
+
+
+def resolve_backend(backend: str, arrays, *, inverse: bool = False) -> str:
+    """The backend that will run (``"xla"``, ``"triton"`` or ``"flashinfer"``).
+
+    Checks the name, and for ``"triton"`` / ``"flashinfer"`` that their packages
+    import and the arrays live on a CUDA device (Triton: or on CPU under
+    ``TRITON_INTERPRET=1``), before anything is donated. The inverse has no
+    kernel: ``unprepare`` always runs on XLA.
 
     Raises
     ------
     ValueError
-        An unknown backend, or ``"flashinfer"`` for arrays not on a CUDA device.
+        An unknown backend, or a kernel backend for arrays not on a CUDA device.
     ImportError
-        ``"flashinfer"`` without torch or flashinfer installed (says what to install).
+        A kernel backend without its packages installed (says what to install).
     """
+    from . import _triton
+
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if inverse or backend == "xla":
         return "xla"
     if backend == "auto":
+        if AUTO_PICKS_TRITON and _on_cuda(arrays) and _triton.missing() is None:
+            return "triton"
         if AUTO_PICKS_FLASHINFER and _on_cuda(arrays) and flashinfer_missing() is None:
             return "flashinfer"
         return "xla"
+    if backend == "triton":
+        missing = _triton.missing()
+        if missing:
+            raise ImportError(f'backend="triton": {missing}; or use backend="xla"')
+        if not (_on_cuda(arrays) or (_on_cpu(arrays) and _triton.interpreting())):
+            raise ValueError(
+                f'backend="triton" needs the arrays on a CUDA GPU; they are on {_where(arrays)}. '
+                'Use backend="xla" (any platform) or jax.device_put them to a CUDA device first'
+            )
+        return "triton"
     missing = flashinfer_missing()
     if missing:
         raise ImportError(f'backend="flashinfer": {missing}; or use backend="xla"')
     if not _on_cuda(arrays):
-        where = sorted({d.platform for d in _devices(arrays)}) or ["not jax arrays"]
         raise ValueError(
             'backend="flashinfer" needs the arrays on a CUDA GPU (flashinfer\'s kernel is '
-            f"CUDA only); they are on {', '.join(where)}. Use backend=\"xla\" (any platform) "
+            f"CUDA only); they are on {_where(arrays)}. Use backend=\"xla\" (any platform) "
             "or jax.device_put them to a CUDA device first"
         )
     for d in _devices(arrays):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _backends, _prepare, _reference
+from . import _backends, _prepare, _reference, _triton
 from ._cli import UserError
 from ._spec import LayerSpec
 from .testing import random_device_layer
@@ -211,6 +211,8 @@ class Reference:
 def _jax_rows(spec, layer, ref, repeats, device, label):
     rows = []
     backends = ["xla"]
+    if device.platform == "gpu" and _triton.missing() is None:
+        backends.append("triton")
     if device.platform == "gpu" and _backends.flashinfer_missing() is None:
         backends.append("flashinfer")
     for backend in backends:

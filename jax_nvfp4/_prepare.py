@@ -249,8 +249,13 @@ def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks, backend: str
     # Padding changes every shape, so no buffer can be reused: transform out of
     # place and let the caller delete the inputs.
     in_place = donate and (inverse or not spec.needs_padding)
-    program = layer_program(spec, inverse=inverse, chunks=chunks if in_place else None,
-                            backend=backend, pallas=pallas)
+    if backend == "triton" and not inverse:
+        from . import _triton
+        program = _triton.layer_program(spec, chunks=chunks if in_place else None,
+                                        pad=_pad(spec))
+    else:
+        program = layer_program(spec, inverse=inverse, chunks=chunks if in_place else None,
+                                backend=backend, pallas=pallas)
     if plan is not None:  # sharded: the same program on each device's shard (spec is local)
         return _sharding.jit(program, plan, donate=in_place)
     return jax.jit(program, donate_argnums=(0, 1, 2, 3) if in_place else ())

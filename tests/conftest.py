@@ -22,6 +22,12 @@ def _has_cuda() -> bool:
         return False
 
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (read when the kernels
+# are defined, so before jax_nvfp4._triton_kernels is imported).
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return

@@ -257,6 +257,30 @@ def block_scale_interleave(scales, *, out=None, start: int = 0):
     return out
 
 
+@contextlib.contextmanager
+def on_xla_stream(ctx, buffer):
+    """Inside a ``buffer_callback``: torch's current device and stream are XLA's (CUDA).
+
+    Kernels launched in the block (torch's, flashinfer's, Triton's) then run in
+    order with XLA's work on ``buffer``'s device, with no host synchronization.
+    """
+    torch = _torch()
+    kind, index = buffer.__dlpack_device__()
+    with _oom_hint(), contextlib.ExitStack() as stack:
+        if kind == 2:  # kDLCUDA
+            device = torch.device("cuda", index)
+            stack.enter_context(torch.cuda.device(device))
+            stack.enter_context(torch.cuda.stream(
+                torch.cuda.ExternalStream(ctx.stream, device=device)))
+        yield
+
+
+def torch_bytes(buffer):
+    """An XLA buffer of a ``buffer_callback`` as a torch uint8 tensor of the same shape
+    (float8 bytes included), sharing its memory."""
+    return _torch().from_dlpack(buffer).view(_torch().uint8)
+
+
 def _in_jit(scales, out, start, sizes):
     from jax.experimental.buffer_callback import buffer_callback
 
@@ -264,16 +288,10 @@ def _in_jit(scales, out, start, sizes):
     lo, hi = start * rp * cp, (start + b) * rp * cp
 
     def callback(ctx, result, *args):
-        torch = _torch()
         kernel = _get_kernel()
-        kind, index = result.__dlpack_device__()
-        with _oom_hint(), contextlib.ExitStack() as stack:
-            if kind == 2:  # kDLCUDA: run on XLA's stream, in order with XLA's work
-                device = torch.device("cuda", index)
-                stack.enter_context(torch.cuda.stream(
-                    torch.cuda.ExternalStream(ctx.stream, device=device)))
-            dst = torch.from_dlpack(result).view(torch.uint8).reshape(-1)[lo:hi]
-            src = torch.from_dlpack(args[-1]).view(torch.uint8).reshape(b, r, c)
+        with on_xla_stream(ctx, result):
+            dst = torch_bytes(result).reshape(-1)[lo:hi]
+            src = torch_bytes(args[-1]).reshape(b, r, c)
             kernel(src, out=dst)
 
     if out is None:

@@ -1,0 +1,85 @@
+"""backend="triton" compiled on a CUDA GPU: bytes, arrays over 2 GiB, pointers, torch, races."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import jax_nvfp4
+from jax_nvfp4 import _backends, _bench, _reference
+from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4.testing import random_device_layer
+from helpers import assert_bytes_equal, random_layer, to_jax
+
+NAMES = ("w13", "w13_scale", "w2", "w2_scale")
+
+
+def test_auto_picks_triton_on_cuda(rng):
+    layer = to_jax(random_layer(rng, 2, 128, 64))
+    assert _backends.resolve_backend("auto", layer) == (
+        "triton" if _backends.AUTO_PICKS_TRITON else "xla")
+
+
+@pytest.mark.parametrize("e, h, i, gated", [(1, 128, 64, True), (3, 256, 96, True),
+                                            (5, 384, 128, False), (2, 256, 80, False),
+                                            (256, 256, 128, True), (17, 7168, 256, True),
+                                            (6, 2048, 768, True)])
+@pytest.mark.parametrize("donate", [True, False])
+def test_triton_backend_is_bit_exact(rng, e, h, i, gated, donate):
+    layer = random_layer(rng, e, h, i, gated=gated)
+    out = jax_nvfp4.prepare_layer(*to_jax(layer), gated=gated, donate=donate, backend="triton",
+                                  chunk_bytes=1 << 18)
+    for name, g, w in zip(NAMES, out, _reference.prepare_layer(*layer, gated=gated)):
+        assert_bytes_equal(g, w, name)
+
+
+def test_deepseek_v3_layer_over_2_gib_is_bit_exact_in_place():
+    """w13 is 3.76 GB: past int32 offsets (Pallas' Triton lowering failed exactly here)."""
+    spec = LayerSpec(256, 7168, 2048, True)
+    layer = random_device_layer(jax.random.key(5), 256, 7168, 2048, gated=True)
+    ref = _bench.Reference(spec, layer)
+    pointers = [x.unsafe_buffer_pointer() for x in layer]
+    out = jax_nvfp4.prepare_layer(*layer, backend="triton")
+    assert [x.unsafe_buffer_pointer() for x in out] == pointers
+    ref.check(out, "triton in place")
+    del out, layer
+    layer = random_device_layer(jax.random.key(5), 256, 7168, 2048, gated=True)
+    ref.check(jax_nvfp4.prepare_layer(*layer, backend="triton", donate=False), "out of place")
+
+
+def test_torch_allocates_nothing_and_outputs_keep_the_buffers(rng):
+    layer = to_jax(random_layer(rng, 64, 7168, 256))
+    jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, 64, 7168, 256)), backend="triton")
+    pointers = [x.unsafe_buffer_pointer() for x in layer]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.max_memory_allocated()
+    out = jax.block_until_ready(jax_nvfp4.prepare_layer(*layer, backend="triton",
+                                                        chunk_bytes=1 << 24))
+    assert torch.cuda.max_memory_allocated() == before
+    assert [x.unsafe_buffer_pointer() for x in out] == pointers
+    assert all(x.is_deleted() for x in layer)
+
+
+def test_200_prepares_interleaved_with_jax_work_have_no_race(rng):
+    e, h, i = 8, 1024, 512
+    host = random_layer(rng, e, h, i)
+    want = [np.asarray(w).view(np.uint8) for w in _reference.prepare_layer(*host, gated=True)]
+    sums_want = [int(w.astype(np.uint64).sum()) for w in want]
+    layer = to_jax(host)
+    sums = []
+    for k in range(200):
+        out = jax_nvfp4.prepare_layer(*layer, backend="triton", chunk_bytes=1 << 16)
+        # Unrelated JAX work on the same buffers, queued behind the kernels, no sync.
+        sums.append([jnp.sum(jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32))
+                     for x in out])
+        layer = jax_nvfp4.unprepare_layer(*out, backend="xla", chunk_bytes=1 << 16)
+    assert [[int(s) for s in row] for row in sums] == [sums_want] * 200
+    for name, g, w in zip(NAMES, layer, host):
+        assert_bytes_equal(g, w, f"after 200 round trips {name}")
