@@ -26,15 +26,17 @@ import triton.language as tl
 
 @triton.jit
 def _rows_kernel(src, dst, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                 GATED: tl.constexpr, IN_PLACE: tl.constexpr):
+                 NG: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
+    # One program: NG shuffle groups (32 destination rows each) x BK units of one expert.
     pid = tl.program_id(0)
     nkb: tl.constexpr = (K + BK - 1) // BK
-    groups: tl.constexpr = ROWS // 32
+    blocks: tl.constexpr = ROWS // (32 * NG)
     kb = pid % nkb
     g = pid // nkb
-    e = g // groups
-    q = g % groups
-    r = tl.arange(0, 32)
+    e = g // blocks
+    r = tl.arange(0, 32 * NG)
+    q = (g % blocks) * NG + r // 32
+    r = r % 32
     if GATED:  # destination row 32q + 16j + 8h + u <- source h * I + 16q + 2u + j
         src_row = ((r // 8) % 2) * (ROWS // 2) + 16 * q + 2 * (r % 8) + r // 16
     else:  # destination row 32q + 8b + c <- source 32q + 4c + b
@@ -44,22 +46,24 @@ def _rows_kernel(src, dst, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr
     mask = (k < K)[None, :]
     x = tl.load(src + base + src_row.to(tl.int64)[:, None] * K + k[None, :], mask=mask)
     if IN_PLACE:
-        tl.debug_barrier()  # every read of the group before any write
+        tl.debug_barrier()  # every read of the groups before any write
     dst_row = 32 * q + r
     tl.store(dst + base + dst_row.to(tl.int64)[:, None] * K + k[None, :], x, mask=mask)
 
 
 @triton.jit
 def _scales_kernel(src, dst, ROWS: tl.constexpr, CU: tl.constexpr, BC: tl.constexpr,
-                   GATED: tl.constexpr, IN_PLACE: tl.constexpr):
+                   NT: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
+    # One program: NT swizzle tiles (128 rows each) x BC units of one expert.
     pid = tl.program_id(0)
     ncb: tl.constexpr = (CU + BC - 1) // BC
-    tiles: tl.constexpr = ROWS // 128
+    blocks: tl.constexpr = ROWS // (128 * NT)
     cb = pid % ncb
     g = pid // ncb
-    e = g // tiles
-    a = g % tiles
-    t = tl.arange(0, 128)  # place in the tile's 128 x 4 block: (b, c, a0) or (j, h, u, q0)
+    e = g // blocks
+    t = tl.arange(0, 128 * NT)
+    a = (g % blocks) * NT + t // 128
+    t = t % 128  # place in the tile's 128 x 4 block: (b, c, a0) or (j, h, u, q0)
     if GATED:  # t = 64j + 32h + 4u + q0 <- source row h * I + 64a + 16q0 + 2u + j
         src_row = ((t // 32) % 2) * (ROWS // 2) + 64 * a + 16 * (t % 4) + 2 * ((t // 4) % 8) \
             + t // 64
@@ -71,7 +75,8 @@ def _scales_kernel(src, dst, ROWS: tl.constexpr, CU: tl.constexpr, BC: tl.conste
     x = tl.load(src + base + src_row.to(tl.int64)[:, None] * CU + cu[None, :], mask=mask)
     if IN_PLACE:
         tl.debug_barrier()
-    dst_off = base + a.to(tl.int64) * (128 * CU) + cu[None, :].to(tl.int64) * 128 + t[:, None]
+    dst_off = base + a.to(tl.int64)[:, None] * (128 * CU) + cu[None, :].to(tl.int64) * 128 \
+        + t[:, None]
     tl.store(dst + dst_off, x, mask=mask)
 
 
@@ -80,8 +85,24 @@ def _units(x):
     return x.view(torch.uint8).view(torch.int32)
 
 
+# Units (4 bytes) a program moves at most: small rows are batched into larger programs.
+TILE_UNITS = 8192
+
+
 def _pow2_at_most(n: int, most: int) -> int:
     return min(most, triton.next_power_of_2(n))
+
+
+def _batch(count: int, size: int) -> int:
+    """Largest power of two dividing ``count`` with ``batch * size <= TILE_UNITS``."""
+    b = 1
+    while count % (2 * b) == 0 and 2 * b * size <= TILE_UNITS:
+        b *= 2
+    return b
+
+
+def _warps(units: int) -> int:
+    return 8 if units >= 8192 else 4
 
 
 def move_rows(src, dst, *, gated: bool, in_place: bool = False) -> None:
@@ -94,9 +115,10 @@ def move_rows(src, dst, *, gated: bool, in_place: bool = False) -> None:
     assert not (in_place and gated), "gated rows cannot move in place"
     ku = k // 4
     bk = _pow2_at_most(ku, 256)
-    grid = (e * (rows // 32) * triton.cdiv(ku, bk),)
-    _rows_kernel[grid](_units(src), _units(dst), ROWS=rows, K=ku, BK=bk, GATED=gated,
-                       IN_PLACE=in_place, num_warps=4)
+    ng = _batch(rows // 32, 32 * bk)
+    grid = (e * (rows // (32 * ng)) * triton.cdiv(ku, bk),)
+    _rows_kernel[grid](_units(src), _units(dst), ROWS=rows, K=ku, BK=bk, NG=ng, GATED=gated,
+                       IN_PLACE=in_place, num_warps=_warps(32 * ng * bk))
 
 
 def move_scales(src, dst, *, gated: bool, in_place: bool = False) -> None:
@@ -110,9 +132,10 @@ def move_scales(src, dst, *, gated: bool, in_place: bool = False) -> None:
     cu = c // 4
     # In place a program must own its whole tile; otherwise narrower blocks spread the work.
     bc = triton.next_power_of_2(cu) if in_place else _pow2_at_most(cu, 16)
-    grid = (e * (rows // 128) * triton.cdiv(cu, bc),)
-    _scales_kernel[grid](_units(src), _units(dst), ROWS=rows, CU=cu, BC=bc, GATED=gated,
-                         IN_PLACE=in_place, num_warps=4 if bc * 128 <= 4096 else 8)
+    nt = _batch(rows // 128, 128 * bc)
+    grid = (e * (rows // (128 * nt)) * triton.cdiv(cu, bc),)
+    _scales_kernel[grid](_units(src), _units(dst), ROWS=rows, CU=cu, BC=bc, NT=nt, GATED=gated,
+                         IN_PLACE=in_place, num_warps=_warps(128 * nt * bc))
 
 
 def move_gated_in_place(x, scratch, *, chunk: int, move) -> None:
