@@ -17,7 +17,7 @@ import torch
 from jax.experimental.buffer_callback import buffer_callback
 
 import torch_bridge
-from jax_nvfp4 import _bench, _prepare, _triton
+from jax_nvfp4 import _bench, _prepare
 from jax_nvfp4 import _triton_kernels as K
 from jax_nvfp4._spec import LayerSpec
 from jax_nvfp4.testing import random_device_layer
@@ -41,17 +41,21 @@ def med_ms(fn, make, repeats=10):
 
 
 def _kernels(spec, k, x):
-    """(out of place, in place, copy_) ms of array ``k``'s kernel on its bytes ``x``."""
+    """(out of place, in place, copy_) ms of array ``k``'s kernels on its bytes ``x``."""
     dst = torch.empty_like(x)
-    move = K.move_rows if k in (0, 2) else K.move_scales
+    steps = K.rows_steps if k in (0, 2) else K.scales_steps
     gated = k < 2
-    oop = events(lambda: move(x, dst, gated=gated))
+    stream = dict(stream=torch.cuda.current_stream().cuda_stream, device=x.device.index)
+    oop = events(lambda: K.run_steps(steps(x.shape, gated=gated, in_place=False, src=0, dst=1),
+                                     [x, dst], **stream))
     if gated:
         chunk = _prepare.experts_per_chunk(spec, None, None)[k]
         scratch = torch.empty(chunk * x[0].numel(), dtype=torch.uint8, device=x.device)
-        inplace = events(lambda: K.move_gated_in_place(dst, scratch, chunk=chunk, move=move))
+        plan = K.gated_in_place_steps(x.shape, steps, buf=0, scratch=1, chunk=chunk)
+        inplace = events(lambda: K.run_steps(plan, [dst, scratch], **stream))
     else:
-        inplace = events(lambda: move(dst, dst, gated=False, in_place=True))
+        plan = steps(x.shape, gated=False, in_place=True)
+        inplace = events(lambda: K.run_steps(plan, [dst], **stream))
     return oop, inplace, events(lambda: dst.copy_(x))
 
 
@@ -62,6 +66,11 @@ def profile(name, shape):
     ref = _bench.Reference(spec, layer)
     res = {}
     src = [torch_bridge.to_torch(x) for x in layer]
+    for tile in (4096, 16384, 8192):  # the default last
+        K.TILE_UNITS = tile
+        sums = [_kernels(spec, k, x) for k, x in enumerate(src)]
+        res[f"tile{tile}_oop_sum_ms"] = sum(v[0] for v in sums)
+        res[f"tile{tile}_inplace_sum_ms"] = sum(v[1] for v in sums)
     for k, x in enumerate(src):
         a, b, c = _kernels(spec, k, x)
         res[f"kernel_{k}_oop_ms"], res[f"kernel_{k}_inplace_ms"], res[f"copy_{k}_ms"] = a, b, c
@@ -71,13 +80,13 @@ def profile(name, shape):
     torch.cuda.empty_cache()
 
     host = []
-    run = _triton._run
+    run = K.run_steps
 
     def timed_run(*a, **kw):
         t = time.perf_counter()
         run(*a, **kw)
         host.append(time.perf_counter() - t)
-    _triton._run = timed_run
+    K.run_steps = timed_run
     for donate in (True, False):
         tag = "donated" if donate else "not_donated"
 
@@ -98,7 +107,8 @@ def profile(name, shape):
             _prepare.plan_job(layer, gated=True, donate=donate, backend="triton",
                               chunk_bytes=None, inverse=False)
         res[f"plan_job_{tag}_ms"] = 1e3 * (time.perf_counter() - t) / 20
-    _triton._run = run
+    K.run_steps = run
+    res["launch_mode"] = str(K._ARGS_MODE)
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in layer]
     noop = jax.jit(lambda *xs: tuple(buffer_callback(lambda ctx, o, *a: None, shapes,
                                                      input_output_aliases={0: 0, 1: 1, 2: 2, 3: 3}
@@ -106,7 +116,8 @@ def profile(name, shape):
     res["empty_callback_donated_ms"] = med_ms(noop, lambda: [_bench._copy(x) for x in layer])
     ident = jax.jit(lambda *xs: xs, donate_argnums=(0, 1, 2, 3))
     res["identity_jit_donated_ms"] = med_ms(ident, lambda: [_bench._copy(x) for x in layer])
-    print(name, json.dumps({k: round(v, 4) for k, v in res.items()}), flush=True)
+    print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                            for k, v in res.items()}), flush=True)
     return res
 
 

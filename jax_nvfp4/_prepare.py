@@ -10,6 +10,7 @@ transform per array (fastest; the caller keeps the inputs).
 from __future__ import annotations
 
 import dataclasses
+import math
 import functools
 from typing import Callable
 
@@ -205,7 +206,7 @@ def experts_per_chunk(spec: LayerSpec, chunk_bytes: int | None,
     e = spec.experts
     out = []
     for shape in spec.shapes(padded=True):
-        per_expert = int(np.prod(shape[1:]))
+        per_expert = math.prod(shape[1:])
         most = max(1, min(e, budget // per_expert))
         n_chunks = -(-e // most)
         out.append(-(-e // n_chunks))
@@ -302,7 +303,7 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
     if plan is not None:  # sharded over a mesh: sizes and chunks are per device
         spec = plan.local
     free = (free_bytes(next(iter(arrays[0].devices())))
-            if chunk_bytes is None and isinstance(arrays[0], jax.Array) else None)
+            if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
     chunks = experts_per_chunk(spec, chunk_bytes, free)
     program = _compiled(spec, inverse, donate, chunks, resolved, use_pallas(arrays), plan)
     return Job(arrays, spec, chunks, program, donate, inverse)

@@ -7,6 +7,7 @@ so a bad call raises and leaves the caller's arrays alive.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ class LayerSpec:
     @property
     def nbytes(self) -> int:
         """Bytes of the four (unpadded) arrays."""
-        return sum(int(np.prod(s)) for s in self.shapes(padded=False))
+        return sum(math.prod(s) for s in self.shapes(padded=False))
 
 
 def _dtype_name(dt) -> str:

@@ -18,11 +18,11 @@ which the tests set), slowly; that is for tests, not use.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ._spec import LayerSpec
 
@@ -47,22 +47,7 @@ def scratch_bytes(spec: LayerSpec, chunks) -> int:
     if not spec.gated:
         return 0
     shapes = spec.shapes(padded=True)
-    return max(c * int(np.prod(s[1:])) for c, s in zip(chunks[:2], shapes[:2]))
-
-
-def _run(ins, outs, spec: LayerSpec, chunks, scratch) -> None:
-    """The four arrays (torch uint8 views) moved from ``ins`` to ``outs``. In place when
-    ``chunks`` is given (``outs`` are ``ins``): gated w13 and its scales through ``scratch``."""
-    from . import _triton_kernels as k
-
-    in_place = chunks is not None
-    for idx, move in ((0, k.move_rows), (1, k.move_scales)):
-        if in_place and spec.gated:
-            k.move_gated_in_place(outs[idx], scratch, chunk=chunks[idx], move=move)
-        else:
-            move(ins[idx], outs[idx], gated=spec.gated, in_place=in_place)
-    k.move_rows(ins[2], outs[2], gated=False, in_place=in_place)
-    k.move_scales(ins[3], outs[3], gated=False, in_place=in_place)
+    return max(c * math.prod(s[1:]) for c, s in zip(chunks[:2], shapes[:2]))
 
 
 def layer_program(spec: LayerSpec, *, chunks, pad):
@@ -75,14 +60,18 @@ def layer_program(spec: LayerSpec, *, chunks, pad):
 
     from torch_bridge._bridge import on_xla_stream, torch_bytes
 
+    from . import _triton_kernels as k
+
     in_place = chunks is not None
     extra = scratch_bytes(spec, chunks) if in_place else 0
+    # Every launch is planned here, at trace time; the callback only launches.
+    steps = k.layer_steps(spec.shapes(padded=True), gated=spec.gated, chunks=chunks)
 
     def callback(ctx, outs, *ins):
-        with on_xla_stream(ctx, outs[0]):
-            dst = [torch_bytes(b) for b in outs[:4]]
-            src = dst if in_place else [torch_bytes(b) for b in ins]
-            _run(src, dst, spec, chunks, torch_bytes(outs[4]) if extra else None)
+        with on_xla_stream(ctx, outs[0]) as device:
+            buffers = [torch_bytes(b) for b in (outs if in_place else (*ins, *outs))]
+            k.run_steps(steps, buffers, stream=None if device is None else ctx.stream,
+                        device=device)
 
     def program(*arrays):
         arrays = [p(x) for p, x in zip(pad, arrays)]

@@ -80,17 +80,24 @@ def _scales_kernel(src, dst, ROWS: tl.constexpr, CU: tl.constexpr, BC: tl.conste
     tl.store(dst + dst_off, x, mask=mask)
 
 
-def _units(x):
-    """The bytes of ``x`` (uint8 / float8, ``[E, rows, cols]``, cols % 4 == 0) as int32 units."""
-    return x.view(torch.uint8).view(torch.int32)
+@triton.jit
+def _copy_kernel(src, dst, N: tl.constexpr, BLOCK: tl.constexpr):
+    # dst[:N] = src[:N] (int32 units): the copy back from scratch.
+    off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = off < N
+    tl.store(dst + off, tl.load(src + off, mask=mask), mask=mask)
 
 
 # Units (4 bytes) a program moves at most: small rows are batched into larger programs.
 TILE_UNITS = 8192
+COPY_BLOCK = 8192
 
 
-def _pow2_at_most(n: int, most: int) -> int:
-    return min(most, triton.next_power_of_2(n))
+def _pow2_divisor(n: int, most: int) -> int:
+    b = 1
+    while n % (2 * b) == 0 and 2 * b <= most:
+        b *= 2
+    return b
 
 
 def _batch(count: int, size: int) -> int:
@@ -105,49 +112,132 @@ def _warps(units: int) -> int:
     return 8 if units >= 8192 else 4
 
 
-def move_rows(src, dst, *, gated: bool, in_place: bool = False) -> None:
-    """``dst[e]`` = the shuffled (and, ``gated``, interleaved) rows of ``src[e]``.
+def _block(k: int, most: int) -> int:
+    """Columns per program: a power-of-two divisor of ``k`` (no masked lanes) unless
+    that is narrow, then the next power of two over ``k`` (masked), at most ``most``."""
+    d = _pow2_divisor(k, most)
+    return d if d >= min(32, most) or d == k else min(most, triton.next_power_of_2(k))
 
-    ``src``, ``dst``: ``[E, rows, K]`` bytes, ``rows % 32 == 0`` (``% 64`` gated),
-    ``K % 4 == 0``. ``in_place`` (``dst`` is ``src``) only when not gated.
-    """
-    e, rows, k = src.shape
+
+class Step:
+    """One kernel launch: ``fn`` from buffer ``src`` to ``dst`` (indices into the call's
+    buffers) at byte offsets, over ``grid`` programs, with compile-time ``consts``."""
+
+    def __init__(self, fn, grid, consts, src, dst, src_off=0, dst_off=0):
+        self.fn, self.grid, self.consts = fn, (grid,), consts
+        self.src, self.dst, self.src_off, self.dst_off = src, dst, src_off, dst_off
+        self.num_warps = consts.pop("num_warps")
+
+
+def rows_steps(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None):
+    """Steps moving the rows of ``experts`` experts of a ``[E, rows, K]`` byte array."""
+    e, rows, k = shape
+    e = e if experts is None else experts
     assert not (in_place and gated), "gated rows cannot move in place"
     ku = k // 4
-    bk = _pow2_at_most(ku, 256)
+    bk = _block(ku, 256)
     ng = _batch(rows // 32, 32 * bk)
-    grid = (e * (rows // (32 * ng)) * triton.cdiv(ku, bk),)
-    _rows_kernel[grid](_units(src), _units(dst), ROWS=rows, K=ku, BK=bk, NG=ng, GATED=gated,
-                       IN_PLACE=in_place, num_warps=_warps(32 * ng * bk))
+    grid = e * (rows // (32 * ng)) * triton.cdiv(ku, bk)
+    return [Step(_rows_kernel, grid, dict(ROWS=rows, K=ku, BK=bk, NG=ng, GATED=gated,
+                                          IN_PLACE=in_place, num_warps=_warps(32 * ng * bk)),
+                 src, dst, src_off, dst_off)]
 
 
-def move_scales(src, dst, *, gated: bool, in_place: bool = False) -> None:
-    """``dst[e]`` = the rows of ``src[e]`` permuted as the weights', then swizzled 128x4.
-
-    ``src``, ``dst``: ``[E, rows, C]`` bytes, ``rows % 128 == 0``, ``C % 4 == 0``.
-    ``in_place`` only when not gated (each tile is then its own source).
-    """
-    e, rows, c = src.shape
+def scales_steps(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None):
+    """Steps permuting the rows and swizzling ``experts`` experts of ``[E, rows, C]`` scales."""
+    e, rows, c = shape
+    e = e if experts is None else experts
     assert not (in_place and gated), "gated scales cannot move in place"
     cu = c // 4
     # In place a program must own its whole tile; otherwise narrower blocks spread the work.
-    bc = triton.next_power_of_2(cu) if in_place else _pow2_at_most(cu, 16)
+    bc = triton.next_power_of_2(cu) if in_place else _block(cu, 16)
     nt = _batch(rows // 128, 128 * bc)
-    grid = (e * (rows // (128 * nt)) * triton.cdiv(cu, bc),)
-    _scales_kernel[grid](_units(src), _units(dst), ROWS=rows, CU=cu, BC=bc, NT=nt, GATED=gated,
-                         IN_PLACE=in_place, num_warps=_warps(128 * nt * bc))
+    grid = e * (rows // (128 * nt)) * triton.cdiv(cu, bc)
+    return [Step(_scales_kernel, grid, dict(ROWS=rows, CU=cu, BC=bc, NT=nt, GATED=gated,
+                                            IN_PLACE=in_place, num_warps=_warps(128 * nt * bc)),
+                 src, dst, src_off, dst_off)]
 
 
-def move_gated_in_place(x, scratch, *, chunk: int, move) -> None:
-    """``move(src, dst, gated=True)`` onto ``x`` itself, ``chunk`` experts at a time
-    through ``scratch`` (at least ``chunk`` experts of bytes): moved into scratch,
-    then copied back (``copy_``: a device memcpy)."""
-    e = x.shape[0]
-    per = x[0].numel() * x.element_size()
-    flat = scratch.view(torch.uint8).reshape(-1)
+def copy_steps(nbytes, *, src, dst, src_off=0, dst_off=0):
+    n = nbytes // 4
+    return [Step(_copy_kernel, triton.cdiv(n, COPY_BLOCK),
+                 dict(N=n, BLOCK=COPY_BLOCK, num_warps=8), src, dst, src_off, dst_off)]
+
+
+def gated_in_place_steps(shape, steps, *, buf, scratch, chunk):
+    """``steps(..., gated=True)`` onto buffer ``buf`` itself, ``chunk`` experts at a time:
+    moved into ``scratch``, then copied back."""
+    e = shape[0]
+    per = shape[1] * shape[2]
+    out = []
     for start in range(0, e, chunk):
         n = min(chunk, e - start)
-        part = x[start:start + n]
-        tmp = flat[:n * per].view(part.dtype).reshape(part.shape)
-        move(part, tmp, gated=True)
-        part.copy_(tmp)
+        out += steps(shape, gated=True, in_place=False, src=buf, dst=scratch,
+                     src_off=start * per, experts=n)
+        out += copy_steps(n * per, src=scratch, dst=buf, dst_off=start * per)
+    return out
+
+
+def layer_steps(shapes, *, gated: bool, chunks=None, scratch: int = 4):
+    """Every launch that prepares one layer; buffers 0-3 are the four arrays, ``scratch``
+    the scratch buffer. ``chunks=None``: out of place (sources 0-3, destinations 4-7)."""
+    if chunks is None:
+        return (rows_steps(shapes[0], gated=gated, in_place=False, src=0, dst=4)
+                + scales_steps(shapes[1], gated=gated, in_place=False, src=1, dst=5)
+                + rows_steps(shapes[2], gated=False, in_place=False, src=2, dst=6)
+                + scales_steps(shapes[3], gated=False, in_place=False, src=3, dst=7))
+    out = []
+    for idx, steps in ((0, rows_steps), (1, scales_steps)):
+        if gated:
+            out += gated_in_place_steps(shapes[idx], steps, buf=idx, scratch=scratch,
+                                        chunk=chunks[idx])
+        else:
+            out += steps(shapes[idx], gated=False, in_place=True, src=idx, dst=idx)
+    return (out + rows_steps(shapes[2], gated=False, in_place=True, src=2, dst=2)
+            + scales_steps(shapes[3], gated=False, in_place=True, src=3, dst=3))
+
+
+# Compiled kernels per (function, device, constants): launched without Triton's
+# per-call dispatch (argument binding, specialization, cache key: tens of us each).
+_compiled: dict = {}
+_ARGS_MODE: list = []  # how this Triton's launcher takes arguments, found at first launch
+
+
+def _views(step, flat):
+    return (flat[step.src][step.src_off:].view(torch.int32),
+            flat[step.dst][step.dst_off:].view(torch.int32))
+
+
+def _launch_compiled(step, device, flat, ptrs, stream) -> bool:
+    key = (step.fn, device, tuple(sorted(step.consts.items())), step.num_warps)
+    kernel = _compiled.get(key)
+    if kernel is None:  # compile (no launch) for these constants, pointer types, alignment
+        kernel = step.fn.warmup(*_views(step, flat), grid=step.grid,
+                                num_warps=step.num_warps, **step.consts)
+        _compiled[key] = kernel
+    args = (ptrs[step.src] + step.src_off, ptrs[step.dst] + step.dst_off)
+    consts = [step.consts[n] for n in step.fn.arg_names[2:]]
+    for mode in _ARGS_MODE or ["all", "pointers"]:
+        try:  # a launcher given the wrong arguments raises before launching
+            kernel[step.grid](*args, *(consts if mode == "all" else ()), stream=stream)
+        except TypeError:
+            continue
+        if not _ARGS_MODE:
+            _ARGS_MODE.append(mode)
+        return True
+    return False
+
+
+def run_steps(steps, buffers, *, stream=None, device=None) -> None:
+    """Launch ``steps`` on ``buffers`` (torch uint8 tensors).
+
+    On CUDA with ``stream`` (a raw CUDA stream handle; ``device`` current) the
+    kernels are compiled once per device and then launched directly with raw
+    pointers; in Triton's interpreter (CPU) through the usual ``kernel[grid](...)``.
+    """
+    flat = [b.reshape(-1) for b in buffers]
+    ptrs = [b.data_ptr() for b in flat] if stream is not None else None
+    for step in steps:
+        if stream is not None and _launch_compiled(step, device, flat, ptrs, stream):
+            continue
+        step.fn[step.grid](*_views(step, flat), num_warps=step.num_warps, **step.consts)

@@ -83,3 +83,10 @@ def test_200_prepares_interleaved_with_jax_work_have_no_race(rng):
     assert [[int(s) for s in row] for row in sums] == [sums_want] * 200
     for name, g, w in zip(NAMES, layer, host):
         assert_bytes_equal(g, w, f"after 200 round trips {name}")
+
+
+def test_kernels_launch_without_tritons_dispatch(rng):
+    from jax_nvfp4 import _triton_kernels
+    jax.block_until_ready(jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, 2, 256, 128)),
+                                                  backend="triton"))
+    assert _triton_kernels._ARGS_MODE, "the direct launch path was not taken"
