@@ -124,7 +124,7 @@ class Step:
     buffers) at byte offsets, over ``grid`` programs, with compile-time ``consts``."""
 
     def __init__(self, fn, grid, consts, src, dst, src_off=0, dst_off=0):
-        self.fn, self.grid, self.consts = fn, (grid,), consts
+        self.fn, self.grid, self.consts = fn, (grid, 1, 1), consts
         self.src, self.dst, self.src_off, self.dst_off = src, dst, src_off, dst_off
         self.num_warps = consts.pop("num_warps")
 
