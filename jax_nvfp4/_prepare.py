@@ -191,10 +191,12 @@ def default_chunk_bytes(spec: LayerSpec, free: int | None = None) -> int:
 
 
 def experts_per_chunk(spec: LayerSpec, chunk_bytes: int | None,
-                      free: int | None = None) -> tuple[int, ...]:
+                      free: int | None = None, *, w13_together: bool = False) -> tuple[int, ...]:
     """Experts per chunk for each of the four arrays, so a chunk is at most ``chunk_bytes``.
 
     Chunks are made as even as possible (``E = n * chunk + tail`` with a small tail).
+    ``w13_together``: w13 and its scales share one chunk count, sized by their bytes
+    together (the triton backend moves them through one scratch at once).
     """
     if chunk_bytes is None:
         budget = default_chunk_bytes(spec, free)
@@ -204,9 +206,11 @@ def experts_per_chunk(spec: LayerSpec, chunk_bytes: int | None,
     else:
         budget = int(chunk_bytes)
     e = spec.experts
+    per = [math.prod(shape[1:]) for shape in spec.shapes(padded=True)]
+    if w13_together:
+        per[0] = per[1] = per[0] + per[1]
     out = []
-    for shape in spec.shapes(padded=True):
-        per_expert = math.prod(shape[1:])
+    for per_expert in per:
         most = max(1, min(e, budget // per_expert))
         n_chunks = -(-e // most)
         out.append(-(-e // n_chunks))
@@ -304,7 +308,7 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
         spec = plan.local
     free = (free_bytes(next(iter(arrays[0].devices())))
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
-    chunks = experts_per_chunk(spec, chunk_bytes, free)
+    chunks = experts_per_chunk(spec, chunk_bytes, free, w13_together=resolved == "triton")
     program = _compiled(spec, inverse, donate, chunks, resolved, use_pallas(arrays), plan)
     return Job(arrays, spec, chunks, program, donate, inverse)
 

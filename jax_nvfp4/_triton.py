@@ -43,11 +43,20 @@ def interpreting() -> bool:
 
 
 def scratch_bytes(spec: LayerSpec, chunks) -> int:
-    """Scratch of the in-place program: one chunk of gated w13 or its scales (else 0)."""
-    if not spec.gated:
+    """Scratch of the in-place program: ``chunks[0]`` experts of gated w13 and of its
+    scales (0 when not gated: every group is then its own source)."""
+    if not spec.gated or chunks is None:
         return 0
     shapes = spec.shapes(padded=True)
-    return max(c * math.prod(s[1:]) for c, s in zip(chunks[:2], shapes[:2]))
+    return min(chunks[0], spec.experts) * sum(math.prod(s[1:]) for s in shapes[:2])
+
+
+def _pointer(buffer) -> int:
+    try:
+        return int(buffer.__cuda_array_interface__["data"][0])
+    except Exception:  # noqa: BLE001 - dtypes the interface cannot name (float8)
+        from torch_bridge._bridge import torch_bytes
+        return torch_bytes(buffer).data_ptr()
 
 
 def layer_program(spec: LayerSpec, *, chunks, pad):
@@ -56,22 +65,28 @@ def layer_program(spec: LayerSpec, *, chunks, pad):
     ``chunks=None``: out of place, one pass per array. Otherwise in place: outputs
     aliased to the inputs (reused when donated), with one chunk of scratch.
     """
+    import torch
     from jax.experimental.buffer_callback import buffer_callback
 
-    from torch_bridge._bridge import on_xla_stream, torch_bytes
+    from torch_bridge._bridge import torch_bytes
 
     from . import _triton_kernels as k
 
     in_place = chunks is not None
     extra = scratch_bytes(spec, chunks) if in_place else 0
     # Every launch is planned here, at trace time; the callback only launches.
-    steps = k.layer_steps(spec.shapes(padded=True), gated=spec.gated, chunks=chunks)
+    launches = k.plan(k.layer_launches(spec.shapes(padded=True), gated=spec.gated,
+                                       chunk=chunks[0] if in_place else None))
 
     def callback(ctx, outs, *ins):
-        with on_xla_stream(ctx, outs[0]) as device:
-            buffers = [torch_bytes(b) for b in (outs if in_place else (*ins, *outs))]
-            k.run_steps(steps, buffers, stream=None if device is None else ctx.stream,
-                        device=device)
+        buffers = outs if in_place else (*ins, *outs)
+        kind, index = outs[0].__dlpack_device__()
+        if kind == 2:  # kDLCUDA: XLA's stream and device, raw pointers
+            with torch.cuda.device(index):
+                k.run(launches, pointers=[_pointer(b) for b in buffers], stream=ctx.stream,
+                      device=index)
+        else:  # Triton's interpreter
+            k.run(launches, tensors=[torch_bytes(b) for b in buffers])
 
     def program(*arrays):
         arrays = [p(x) for p, x in zip(pad, arrays)]

@@ -14,7 +14,11 @@ source of a group is the group itself (not gated: shuffle groups map onto
 themselves, and so do whole swizzle tiles), the same kernel works in place: the
 barrier between load and store makes every read happen before any write. Gated
 w13 mixes the two halves, so in place it goes through a scratch chunk
-(``move_gated_in_place``).
+(``layer_launches``).
+
+One launch runs up to four such *segments* (arrays, or chunks of them): program
+ids are split between them, so small arrays share a launch instead of each
+paying a launch and a tail.
 """
 
 from __future__ import annotations
@@ -25,10 +29,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _rows_kernel(src, dst, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                 NG: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
+def _rows(src, dst, pid, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+          NG: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
     # One program: NG shuffle groups (32 destination rows each) x BK units of one expert.
-    pid = tl.program_id(0)
     nkb: tl.constexpr = (K + BK - 1) // BK
     blocks: tl.constexpr = ROWS // (32 * NG)
     kb = pid % nkb
@@ -52,10 +55,9 @@ def _rows_kernel(src, dst, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
-def _scales_kernel(src, dst, ROWS: tl.constexpr, CU: tl.constexpr, BC: tl.constexpr,
-                   NT: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
+def _scales(src, dst, pid, ROWS: tl.constexpr, CU: tl.constexpr, BC: tl.constexpr,
+            NT: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
     # One program: NT swizzle tiles (128 rows each) x BC units of one expert.
-    pid = tl.program_id(0)
     ncb: tl.constexpr = (CU + BC - 1) // BC
     blocks: tl.constexpr = ROWS // (128 * NT)
     cb = pid % ncb
@@ -81,16 +83,55 @@ def _scales_kernel(src, dst, ROWS: tl.constexpr, CU: tl.constexpr, BC: tl.conste
 
 
 @triton.jit
-def _copy_kernel(src, dst, N: tl.constexpr, BLOCK: tl.constexpr):
-    # dst[:N] = src[:N] (int32 units): the copy back from scratch.
-    off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _copy(src, dst, pid, N: tl.constexpr, BLOCK: tl.constexpr):
+    # dst[:N] = src[:N]: the copy back from scratch.
+    off = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = off < N
     tl.store(dst + off, tl.load(src + off, mask=mask), mask=mask)
 
 
+@triton.jit
+def _segment(src, dst, pid, KIND: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+             C: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
+    if KIND == 0:
+        _rows(src, dst, pid, A, B, C, D, GATED, IN_PLACE)
+    elif KIND == 1:
+        _scales(src, dst, pid, A, B, C, D, GATED, IN_PLACE)
+    else:
+        _copy(src, dst, pid, A, B)
+
+
+@triton.jit
+def _layer_kernel(s0, d0, s1, d1, s2, d2, s3, d3,
+                  N0: tl.constexpr, KIND0: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr,
+                  C0: tl.constexpr, D0: tl.constexpr, G0: tl.constexpr, P0: tl.constexpr,
+                  N1: tl.constexpr, KIND1: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
+                  C1: tl.constexpr, D1: tl.constexpr, G1: tl.constexpr, P1: tl.constexpr,
+                  N2: tl.constexpr, KIND2: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr,
+                  C2: tl.constexpr, D2: tl.constexpr, G2: tl.constexpr, P2: tl.constexpr,
+                  N3: tl.constexpr, KIND3: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
+                  C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr):
+    # Program ids [0, N0) run segment 0, the next N1 segment 1, and so on.
+    pid = tl.program_id(0)
+    if N0 > 0:
+        if pid < N0:
+            _segment(s0, d0, pid, KIND0, A0, B0, C0, D0, G0, P0)
+    if N1 > 0:
+        if (pid >= N0) & (pid < N0 + N1):
+            _segment(s1, d1, pid - N0, KIND1, A1, B1, C1, D1, G1, P1)
+    if N2 > 0:
+        if (pid >= N0 + N1) & (pid < N0 + N1 + N2):
+            _segment(s2, d2, pid - N0 - N1, KIND2, A2, B2, C2, D2, G2, P2)
+    if N3 > 0:
+        if pid >= N0 + N1 + N2:
+            _segment(s3, d3, pid - N0 - N1 - N2, KIND3, A3, B3, C3, D3, G3, P3)
+
+
+ROWS, SCALES, COPY = 0, 1, 2
 # Units (4 bytes) a program moves at most: small rows are batched into larger programs.
 TILE_UNITS = 8192
 COPY_BLOCK = 8192
+SEGMENTS = 4
 
 
 def _pow2_divisor(n: int, most: int) -> int:
@@ -108,10 +149,6 @@ def _batch(count: int, size: int) -> int:
     return b
 
 
-def _warps(units: int) -> int:
-    return 8 if units >= 8192 else 4
-
-
 def _block(k: int, most: int) -> int:
     """Columns per program: a power-of-two divisor of ``k`` (no masked lanes) unless
     that is narrow, then the next power of two over ``k`` (masked), at most ``most``."""
@@ -119,107 +156,147 @@ def _block(k: int, most: int) -> int:
     return d if d >= min(32, most) or d == k else min(most, triton.next_power_of_2(k))
 
 
-class Step:
-    """One kernel launch: ``fn`` from buffer ``src`` to ``dst`` (indices into the call's
-    buffers) at byte offsets, over ``grid`` programs, with compile-time ``consts``."""
+class Segment:
+    """One array's (or chunk's) work in a launch: ``programs`` programs of ``kind`` from
+    buffer ``src`` to ``dst`` (indices into the call's buffers) at byte offsets."""
 
-    def __init__(self, fn, grid, consts, src, dst, src_off=0, dst_off=0):
-        self.fn, self.grid, self.consts = fn, (grid, 1, 1), consts
+    def __init__(self, kind, programs, consts, units, src, dst, src_off=0, dst_off=0):
+        self.kind, self.programs, self.consts = kind, programs, consts  # (A, B, C, D, G, P)
+        self.warps = 8 if units >= 8192 else 4
         self.src, self.dst, self.src_off, self.dst_off = src, dst, src_off, dst_off
-        self.num_warps = consts.pop("num_warps")
 
 
-def rows_steps(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None):
-    """Steps moving the rows of ``experts`` experts of a ``[E, rows, K]`` byte array."""
-    e, rows, k = shape
+def rows(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None):
+    """Moving the rows of ``experts`` experts of a ``[E, rows, K]`` byte array."""
+    e, r, k = shape
     e = e if experts is None else experts
     assert not (in_place and gated), "gated rows cannot move in place"
     ku = k // 4
     bk = _block(ku, 256)
-    ng = _batch(rows // 32, 32 * bk)
-    grid = e * (rows // (32 * ng)) * triton.cdiv(ku, bk)
-    return [Step(_rows_kernel, grid, dict(ROWS=rows, K=ku, BK=bk, NG=ng, GATED=gated,
-                                          IN_PLACE=in_place, num_warps=_warps(32 * ng * bk)),
-                 src, dst, src_off, dst_off)]
+    ng = _batch(r // 32, 32 * bk)
+    return Segment(ROWS, e * (r // (32 * ng)) * triton.cdiv(ku, bk),
+                   (r, ku, bk, ng, gated, in_place), 32 * ng * bk, src, dst, src_off, dst_off)
 
 
-def scales_steps(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None):
-    """Steps permuting the rows and swizzling ``experts`` experts of ``[E, rows, C]`` scales."""
-    e, rows, c = shape
+def scales(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None):
+    """Permuting the rows and swizzling ``experts`` experts of ``[E, rows, C]`` scales."""
+    e, r, c = shape
     e = e if experts is None else experts
     assert not (in_place and gated), "gated scales cannot move in place"
     cu = c // 4
     # In place a program must own its whole tile; otherwise narrower blocks spread the work.
     bc = triton.next_power_of_2(cu) if in_place else _block(cu, 16)
-    nt = _batch(rows // 128, 128 * bc)
-    grid = e * (rows // (128 * nt)) * triton.cdiv(cu, bc)
-    return [Step(_scales_kernel, grid, dict(ROWS=rows, CU=cu, BC=bc, NT=nt, GATED=gated,
-                                            IN_PLACE=in_place, num_warps=_warps(128 * nt * bc)),
-                 src, dst, src_off, dst_off)]
+    nt = _batch(r // 128, 128 * bc)
+    return Segment(SCALES, e * (r // (128 * nt)) * triton.cdiv(cu, bc),
+                   (r, cu, bc, nt, gated, in_place), 128 * nt * bc, src, dst, src_off, dst_off)
 
 
-def copy_steps(nbytes, *, src, dst, src_off=0, dst_off=0):
+def copy(nbytes, *, src, dst, src_off=0, dst_off=0):
+    """``nbytes`` (a multiple of 4) copied from ``src`` to ``dst``."""
     n = nbytes // 4
-    return [Step(_copy_kernel, triton.cdiv(n, COPY_BLOCK),
-                 dict(N=n, BLOCK=COPY_BLOCK, num_warps=8), src, dst, src_off, dst_off)]
+    return Segment(COPY, triton.cdiv(n, COPY_BLOCK), (n, COPY_BLOCK, 0, 0, False, False),
+                   COPY_BLOCK, src, dst, src_off, dst_off)
 
 
-def gated_in_place_steps(shape, steps, *, buf, scratch, chunk):
-    """``steps(..., gated=True)`` onto buffer ``buf`` itself, ``chunk`` experts at a time:
-    moved into ``scratch``, then copied back."""
-    e = shape[0]
-    per = shape[1] * shape[2]
+def layer_launches(shapes, *, gated: bool, chunk=None):
+    """Every launch (a tuple of segments) that prepares one layer of padded ``shapes``.
+
+    Buffers: out of place (``chunk=None``) 0-3 are the sources and 4-7 the
+    destinations; in place 0-3 are the arrays and 4 the scratch, which holds
+    ``chunk`` experts of gated w13 and then of their scales
+    (:func:`scratch_bytes`). In place, w2 and its scales run beside the first chunk.
+    """
+    if chunk is None:
+        return [(rows(shapes[0], gated=gated, in_place=False, src=0, dst=4),
+                 scales(shapes[1], gated=gated, in_place=False, src=1, dst=5),
+                 rows(shapes[2], gated=False, in_place=False, src=2, dst=6),
+                 scales(shapes[3], gated=False, in_place=False, src=3, dst=7))]
+    tail = (rows(shapes[2], gated=False, in_place=True, src=2, dst=2),
+            scales(shapes[3], gated=False, in_place=True, src=3, dst=3))
+    if not gated:
+        return [(rows(shapes[0], gated=False, in_place=True, src=0, dst=0),
+                 scales(shapes[1], gated=False, in_place=True, src=1, dst=1), *tail)]
+    e = shapes[0][0]
+    per = [s[1] * s[2] for s in shapes[:2]]
     out = []
     for start in range(0, e, chunk):
         n = min(chunk, e - start)
-        out += steps(shape, gated=True, in_place=False, src=buf, dst=scratch,
-                     src_off=start * per, experts=n)
-        out += copy_steps(n * per, src=scratch, dst=buf, dst_off=start * per)
+        gather = (rows(shapes[0], gated=True, in_place=False, src=0, dst=4,
+                       src_off=start * per[0], experts=n),
+                  scales(shapes[1], gated=True, in_place=False, src=1, dst=4,
+                         src_off=start * per[1], dst_off=n * per[0], experts=n))
+        out.append(gather + (tail if start == 0 else ()))
+        out.append((copy(n * per[0], src=4, dst=0, dst_off=start * per[0]),
+                    copy(n * per[1], src=4, dst=1, src_off=n * per[0], dst_off=start * per[1])))
     return out
 
 
-def layer_steps(shapes, *, gated: bool, chunks=None, scratch: int = 4):
-    """Every launch that prepares one layer; buffers 0-3 are the four arrays, ``scratch``
-    the scratch buffer. ``chunks=None``: out of place (sources 0-3, destinations 4-7)."""
-    if chunks is None:
-        return (rows_steps(shapes[0], gated=gated, in_place=False, src=0, dst=4)
-                + scales_steps(shapes[1], gated=gated, in_place=False, src=1, dst=5)
-                + rows_steps(shapes[2], gated=False, in_place=False, src=2, dst=6)
-                + scales_steps(shapes[3], gated=False, in_place=False, src=3, dst=7))
-    out = []
-    for idx, steps in ((0, rows_steps), (1, scales_steps)):
-        if gated:
-            out += gated_in_place_steps(shapes[idx], steps, buf=idx, scratch=scratch,
-                                        chunk=chunks[idx])
-        else:
-            out += steps(shapes[idx], gated=False, in_place=True, src=idx, dst=idx)
-    return (out + rows_steps(shapes[2], gated=False, in_place=True, src=2, dst=2)
-            + scales_steps(shapes[3], gated=False, in_place=True, src=3, dst=3))
+def scratch_bytes(shapes, *, gated: bool, chunk) -> int:
+    """Scratch of :func:`layer_launches` in place: ``chunk`` experts of gated w13 and scales."""
+    if not gated or chunk is None:
+        return 0
+    return min(chunk, shapes[0][0]) * sum(s[1] * s[2] for s in shapes[:2])
 
 
-# Compiled kernels per (function, device, constants): launched without Triton's
-# per-call dispatch (argument binding, specialization, cache key: tens of us each).
+def _consts(launch) -> dict:
+    out = {}
+    for i in range(SEGMENTS):
+        seg = launch[i] if i < len(launch) else None
+        values = (seg.programs, seg.kind, *seg.consts) if seg else (0, COPY, 0, 128, 0, 0,
+                                                                     False, False)
+        for name, v in zip(("N", "KIND", "A", "B", "C", "D", "G", "P"), values):
+            out[f"{name}{i}"] = v
+    return out
+
+
+class Launch:
+    """A planned launch: its segments, grid and compile-time constants."""
+
+    def __init__(self, segments):
+        assert 1 <= len(segments) <= SEGMENTS
+        self.segments = segments
+        self.grid = (sum(s.programs for s in segments), 1, 1)
+        self.consts = _consts(segments)
+        self.warps = max(s.warps for s in segments)
+        self.key = (tuple(sorted(self.consts.items())), self.warps)
+
+    def pointers(self, ptrs):
+        out = []
+        for i in range(SEGMENTS):
+            s = self.segments[min(i, len(self.segments) - 1)]
+            out += [ptrs[s.src] + s.src_off, ptrs[s.dst] + s.dst_off]
+        return out
+
+    def views(self, flat):
+        out = []
+        for i in range(SEGMENTS):
+            s = self.segments[min(i, len(self.segments) - 1)]
+            out += [flat[s.src][s.src_off:].view(torch.int32),
+                    flat[s.dst][s.dst_off:].view(torch.int32)]
+        return out
+
+
+def plan(launches) -> list[Launch]:
+    return [Launch(segs) for segs in launches]
+
+
+# Compiled kernels per (device, constants): launched without Triton's per-call
+# dispatch (argument binding, specialization, cache key: tens of us each).
 _compiled: dict = {}
 _ARGS_MODE: list = []  # how this Triton's launcher takes arguments, found at first launch
 
 
-def _views(step, flat):
-    return (flat[step.src][step.src_off:].view(torch.int32),
-            flat[step.dst][step.dst_off:].view(torch.int32))
-
-
-def _launch_compiled(step, device, flat, ptrs, stream) -> bool:
-    key = (step.fn, device, tuple(sorted(step.consts.items())), step.num_warps)
-    kernel = _compiled.get(key)
-    if kernel is None:  # compile (no launch) for these constants, pointer types, alignment
-        kernel = step.fn.warmup(*_views(step, flat), grid=step.grid,
-                                num_warps=step.num_warps, **step.consts)
-        _compiled[key] = kernel
-    args = (ptrs[step.src] + step.src_off, ptrs[step.dst] + step.dst_off)
-    consts = [step.consts[n] for n in step.fn.arg_names[2:]]
+def _launch_direct(launch, device, ptrs, stream) -> bool:
+    kernel = _compiled.get((device, launch.key))
+    if kernel is None:  # compile (no launch): int32 pointers, 16-byte aligned
+        kernel = _layer_kernel.warmup(*[torch.int32] * (2 * SEGMENTS), grid=launch.grid,
+                                      num_warps=launch.warps, **launch.consts)
+        _compiled[(device, launch.key)] = kernel
+    args = launch.pointers(ptrs)
+    consts = [launch.consts[n] for n in _layer_kernel.arg_names[2 * SEGMENTS:]]
     for mode in _ARGS_MODE or ["all", "pointers"]:
         try:  # a launcher given the wrong arguments raises before launching
-            kernel[step.grid](*args, *(consts if mode == "all" else ()), stream=stream)
+            kernel[launch.grid](*args, *(consts if mode == "all" else ()), stream=stream)
         except TypeError:
             continue
         if not _ARGS_MODE:
@@ -228,16 +305,19 @@ def _launch_compiled(step, device, flat, ptrs, stream) -> bool:
     return False
 
 
-def run_steps(steps, buffers, *, stream=None, device=None) -> None:
-    """Launch ``steps`` on ``buffers`` (torch uint8 tensors).
+def run(launches, *, pointers=None, tensors=None, stream=None, device=None) -> None:
+    """Run planned ``launches`` on the call's buffers.
 
-    On CUDA with ``stream`` (a raw CUDA stream handle; ``device`` current) the
-    kernels are compiled once per device and then launched directly with raw
-    pointers; in Triton's interpreter (CPU) through the usual ``kernel[grid](...)``.
+    On CUDA give ``pointers`` (device addresses), the raw ``stream`` handle and the
+    ``device`` index (current): kernels are compiled once per device and launched
+    directly. In Triton's interpreter (CPU) give ``tensors`` (torch uint8).
     """
-    flat = [b.reshape(-1) for b in buffers]
-    ptrs = [b.data_ptr() for b in flat] if stream is not None else None
-    for step in steps:
-        if stream is not None and _launch_compiled(step, device, flat, ptrs, stream):
-            continue
-        step.fn[step.grid](*_views(step, flat), num_warps=step.num_warps, **step.consts)
+    if pointers is not None:
+        for launch in launches:
+            if not _launch_direct(launch, device, pointers, stream):
+                raise RuntimeError("this Triton's kernel launcher takes arguments in an "
+                                   "unknown way; use backend=\"xla\"")
+        return
+    flat = [t.reshape(-1) for t in tensors]
+    for launch in launches:
+        _layer_kernel[launch.grid](*launch.views(flat), num_warps=launch.warps, **launch.consts)

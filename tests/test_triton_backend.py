@@ -7,7 +7,6 @@ index formulas, the chunking through scratch, aliasing and the refusals.
 from __future__ import annotations
 
 import jax
-import numpy as np
 import pytest
 
 import jax_nvfp4
@@ -25,7 +24,8 @@ interpreted = pytest.mark.skipif(
 @interpreted
 @pytest.mark.parametrize("e, h, i, gated, chunk_bytes", [
     (1, 128, 64, True, None),
-    (5, 256, 128, True, 40000),      # 3 chunks of 2, 2, 1 experts through scratch
+    (5, 256, 128, True, 40000),      # 5 chunks of 1 expert through scratch
+    (7, 128, 64, True, 40000),       # chunks of 4 and 3 experts
     (3, 128, 256, False, None),      # not gated: every array in one pass, in place
     (2, 256, 96, True, None),        # I padded to 128 (out of place)
     (2, 384, 80, False, None),       # not gated, I padded to 128
@@ -55,7 +55,7 @@ def test_triton_backend_is_bit_exact(rng, e, h, i, gated, chunk_bytes, donate):
 def test_in_place_program_needs_one_chunk_of_scratch(gated):
     e, h, i = 8, 256, 128
     spec = LayerSpec(e, h, i, gated)
-    chunks = _prepare.experts_per_chunk(spec, 70000)
+    chunks = _prepare.experts_per_chunk(spec, 70000, w13_together=True)
     program = _prepare._compiled(spec, False, True, chunks, "triton")
     shapes = [jax.ShapeDtypeStruct(s, d) for s, d in
               zip(spec.shapes(padded=True), ("uint8", "float8_e4m3fn") * 2)]
