@@ -23,6 +23,8 @@ paying a launch and a tail.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -284,13 +286,17 @@ def plan(launches) -> list[Launch]:
 # dispatch (argument binding, specialization, cache key: tens of us each).
 _compiled: dict = {}
 _ARGS_MODE: list = []  # how this Triton's launcher takes arguments, found at first launch
+# XLA runs each device's callback on its own thread; Triton's compiler and its
+# interpreter are not thread-safe (both rewrite Python ASTs).
+_lock = threading.Lock()
 
 
 def _launch_direct(launch, device, ptrs, stream) -> bool:
     kernel = _compiled.get((device, launch.key))
     if kernel is None:  # compile (no launch): int32 pointers, 16-byte aligned
-        kernel = _layer_kernel.warmup(*[torch.int32] * (2 * SEGMENTS), grid=launch.grid,
-                                      num_warps=launch.warps, **launch.consts)
+        with _lock:
+            kernel = _layer_kernel.warmup(*[torch.int32] * (2 * SEGMENTS), grid=launch.grid,
+                                          num_warps=launch.warps, **launch.consts)
         _compiled[(device, launch.key)] = kernel
     args = launch.pointers(ptrs)
     consts = [launch.consts[n] for n in _layer_kernel.arg_names[2 * SEGMENTS:]]
@@ -319,5 +325,7 @@ def run(launches, *, pointers=None, tensors=None, stream=None, device=None) -> N
                                    "unknown way; use backend=\"xla\"")
         return
     flat = [t.reshape(-1) for t in tensors]
-    for launch in launches:
-        _layer_kernel[launch.grid](*launch.views(flat), num_warps=launch.warps, **launch.consts)
+    with _lock:
+        for launch in launches:
+            _layer_kernel[launch.grid](*launch.views(flat), num_warps=launch.warps,
+                                       **launch.consts)

@@ -92,3 +92,22 @@ def test_auto_never_picks_triton_for_cpu_arrays(rng):
     layer = to_jax(random_layer(rng, 2, 128, 64))
     assert _backends.resolve_backend("auto", layer) == "xla"
     assert _backends.resolve_backend("triton", layer, inverse=True) == "xla"
+
+
+@interpreted
+@pytest.mark.skipif(len(jax.devices("cpu")) < 4, reason="needs 4 CPU devices (conftest.py)")
+@pytest.mark.parametrize("donate", [True, False])
+def test_expert_sharded_layer_is_prepared_per_device(rng, donate):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = jax.make_mesh((4,), ("expert",), devices=jax.devices("cpu")[:4])
+    layer = random_layer(rng, 8, 256, 128)
+    arrays = [jax.device_put(x, NamedSharding(mesh, P("expert"))) for x in to_jax(layer)]
+    arrays = [jax.jit(lambda a: a.copy(), out_shardings=a.sharding)(a) for a in arrays]
+    pointers = [[s.data.unsafe_buffer_pointer() for s in x.addressable_shards] for x in arrays]
+    out = jax_nvfp4.prepare_layer(*arrays, backend="triton", donate=donate, chunk_bytes=40000)
+    for name, g, w in zip(NAMES, out, _reference.prepare_layer(*layer, gated=True)):
+        assert g.sharding == arrays[0].sharding or g.sharding.spec == P("expert")
+        assert_bytes_equal(g, w, name)
+    if donate:
+        assert [[s.data.unsafe_buffer_pointer() for s in x.addressable_shards]
+                for x in out] == pointers
