@@ -16,15 +16,13 @@ import time
 import jax
 import torch
 
-from jax_nvfp4 import _bench, _prepare, _triton
+from jax_nvfp4 import _bench, _prepare
 from jax_nvfp4 import _triton_kernels as K
-from jax_nvfp4._spec import LayerSpec
 from jax_nvfp4.testing import random_device_layer
 
 
 def timeline(name, shape, donate):
     e, h, i = shape
-    spec = LayerSpec(e, h, i, True)
     layer = random_device_layer(jax.random.key(3), e, h, i, gated=True)
     marks = {}
     run = K.run
