@@ -206,12 +206,56 @@ class Reference:
                 raise AssertionError(f"{what}: {name} differs from the reference; not timed")
 
 
+def device_time(program, donate: bool, make_args, repeats: int):
+    """Median GPU milliseconds of a jitted layer ``program``: CUDA events recorded on XLA's
+    stream just before its first and after its last kernel (None off CUDA or without torch).
+
+    Two ``buffer_callback`` markers bracket the program, ordered by data dependence
+    (``optimization_barrier``), so host dispatch and synchronization are left out:
+    what the device spends, where wall-clock time also counts JAX's fixed costs.
+    """
+    from jax.experimental.buffer_callback import buffer_callback
+    try:
+        import torch
+    except ImportError:
+        return None
+    if jax.devices()[0].platform != "gpu":
+        return None
+    events = []
+
+    def mark(ctx, out, *args):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.ExternalStream(ctx.stream))
+        events.append(ev)
+
+    token = jax.ShapeDtypeStruct((1,), jnp.uint8)
+
+    def timed(*xs):
+        t = buffer_callback(mark, token, has_side_effect=True)(*xs)
+        t, xs = jax.lax.optimization_barrier((t, xs))
+        outs = program(*xs)
+        t = buffer_callback(mark, token, has_side_effect=True)(t, *outs)
+        return jax.lax.optimization_barrier((t, outs))[1]
+
+    f = jax.jit(timed, donate_argnums=(0, 1, 2, 3) if donate else ())
+    samples = []
+    for k in range(2 + repeats):
+        args = jax.block_until_ready(make_args())
+        events.clear()
+        jax.block_until_ready(f(*args))
+        del args
+        if k >= 2 and len(events) == 2:
+            events[1].synchronize()
+            samples.append(events[0].elapsed_time(events[1]))
+    return statistics.median(samples) if samples else None
+
+
 # --- implementations ---------------------------------------------------------------------------
 
 def _jax_rows(spec, layer, ref, repeats, device, label):
     rows = []
     backends = ["xla"]
-    if device.platform == "gpu" and _triton.missing() is None:
+    if _triton.missing() is None and (device.platform == "gpu" or _triton.interpreting()):
         backends.append("triton")
     if device.platform == "gpu" and _backends.flashinfer_missing() is None:
         backends.append("flashinfer")
@@ -235,11 +279,12 @@ def _jax_rows(spec, layer, ref, repeats, device, label):
             job = _prepare.plan_job(layer, gated=spec.gated, donate=donate, backend=backend,
                                     chunk_bytes=None, inverse=False)
             stats = job.program.lower(*layer).compile().memory_analysis()
+            gpu_ms = device_time(job.program, donate, make, repeats)
             del job
             analysed = stats.temp_size_in_bytes + stats.output_size_in_bytes \
                 - stats.alias_size_in_bytes
             rows.append((f"jax_nvfp4 {backend} {'donated' if donate else 'not donated'}",
-                         _median_ms(samples), max(poll.extra, analysed)))
+                         _median_ms(samples), max(poll.extra, analysed), gpu_ms))
     return rows
 
 
@@ -322,7 +367,8 @@ def _torch_rows(spec, layer, ref, repeats):
             del out
             if k:
                 samples.append(dt)
-        rows.append((label, _median_ms(samples), transient))
+        ms = _median_ms(samples)
+        rows.append((label, ms, transient, ms if cuda else None))
     src.clear()  # drop the torch views of the JAX buffers
     if cuda:
         torch.cuda.empty_cache()  # hand torch's cached blocks back for JAX
@@ -387,18 +433,20 @@ def run(args) -> int:
         results = _jax_rows(spec, layer, ref, repeats, device, name)
         if have_torch:
             results += _torch_rows(spec, layer, ref, max(1, min(repeats, 3)))
-        for impl, ms, transient in results:
+        for impl, ms, transient, gpu_ms in results:
             rows.append(dict(shape=name, E=e, H=h, I=i, impl=impl, ms=ms,
-                             x_floor=ms / floor_ms, transient_bytes=int(transient),
-                             layer_bytes=spec.nbytes))
+                             x_floor=ms / floor_ms, device_ms=gpu_ms,
+                             device_x_floor=None if gpu_ms is None else gpu_ms / floor_ms,
+                             transient_bytes=int(transient), layer_bytes=spec.nbytes))
         rows.append(dict(shape=name, E=e, H=h, I=i, impl="copy floor", ms=floor_ms,
-                         x_floor=1.0, transient_bytes=0, layer_bytes=spec.nbytes))
+                         x_floor=1.0, device_ms=floor_ms, device_x_floor=1.0,
+                         transient_bytes=0, layer_bytes=spec.nbytes))
         if name in ("deepseek-v3", "cpu-small") or len(shapes) == 1:
             sw, nbytes = _swizzle_rows(spec, layer, ref, repeats, device)
             for impl, ms, transient in sw:
                 rows.append(dict(shape=name, E=e, H=h, I=i, impl=impl, ms=ms,
-                                 x_floor=ms / (1e3 * 2 * nbytes / bw), transient_bytes=0,
-                                 layer_bytes=nbytes))
+                                 x_floor=ms / (1e3 * 2 * nbytes / bw), device_ms=None,
+                                 device_x_floor=None, transient_bytes=0, layer_bytes=nbytes))
         del layer, ref
     _print_table(device, bw, rows)
     if args.out:
@@ -410,12 +458,17 @@ def run(args) -> int:
 
 
 def _print_table(device, bw, rows):
-    print(f"\n{device.device_kind}: copy {bw / 1e9:.0f} GB/s; transient = peak extra device "
-          "memory during the call over the inputs (JAX: polled bytes_in_use / XLA memory "
-          "analysis; torch: max_memory_allocated)")
-    print("| shape (E, H, I) | implementation | ms | x floor | transient |")
-    print("|---|---|---|---|---|")
+    print(f"\n{device.device_kind}: copy {bw / 1e9:.0f} GB/s; ms = wall clock of the whole "
+          "call (JAX: prepare_layer to block_until_ready); device ms = CUDA events on the "
+          "stream around the work; transient = peak extra device memory during the call over "
+          "the inputs (JAX: polled bytes_in_use / XLA memory analysis; torch: "
+          "max_memory_allocated)")
+    print("| shape (E, H, I) | implementation | ms | x floor | device ms | x floor | transient |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         share = r["transient_bytes"] / r["layer_bytes"]
+        dev = ("- | -" if r["device_ms"] is None else
+               f"{r['device_ms']:.3f} | {r['device_x_floor']:.2f}x")
         print(f"| {r['shape']} ({r['E']}, {r['H']}, {r['I']}) | {r['impl']} | {r['ms']:.3f} | "
-              f"{r['x_floor']:.2f}x | {r['transient_bytes'] / 2**20:.0f} MiB ({share:.0%}) |")
+              f"{r['x_floor']:.2f}x | {dev} | {r['transient_bytes'] / 2**20:.0f} MiB "
+              f"({share:.0%}) |")

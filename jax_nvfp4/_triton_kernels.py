@@ -261,6 +261,8 @@ class Launch:
         self.consts = _consts(segments)
         self.warps = max(s.warps for s in segments)
         self.key = (tuple(sorted(self.consts.items())), self.warps)
+        self.const_args = [self.consts[n] for n in _layer_kernel.arg_names[2 * SEGMENTS:]]
+        self.runners = {}  # device -> the compiled kernel's launcher for this grid
 
     def pointers(self, ptrs):
         out = []
@@ -292,17 +294,19 @@ _lock = threading.Lock()
 
 
 def _launch_direct(launch, device, ptrs, stream) -> bool:
-    kernel = _compiled.get((device, launch.key))
-    if kernel is None:  # compile (no launch): int32 pointers, 16-byte aligned
-        with _lock:
-            kernel = _layer_kernel.warmup(*[torch.int32] * (2 * SEGMENTS), grid=launch.grid,
-                                          num_warps=launch.warps, **launch.consts)
-        _compiled[(device, launch.key)] = kernel
+    runner = launch.runners.get(device)
+    if runner is None:
+        kernel = _compiled.get((device, launch.key))
+        if kernel is None:  # compile (no launch): int32 pointers, 16-byte aligned
+            with _lock:
+                kernel = _layer_kernel.warmup(*[torch.int32] * (2 * SEGMENTS), grid=launch.grid,
+                                              num_warps=launch.warps, **launch.consts)
+            _compiled[(device, launch.key)] = kernel
+        runner = launch.runners[device] = kernel[launch.grid]
     args = launch.pointers(ptrs)
-    consts = [launch.consts[n] for n in _layer_kernel.arg_names[2 * SEGMENTS:]]
     for mode in _ARGS_MODE or ["all", "pointers"]:
         try:  # a launcher given the wrong arguments raises before launching
-            kernel[launch.grid](*args, *(consts if mode == "all" else ()), stream=stream)
+            runner(*args, *(launch.const_args if mode == "all" else ()), stream=stream)
         except TypeError:
             continue
         if not _ARGS_MODE:

@@ -19,8 +19,8 @@ def test_bench_smoke_writes_json(tmp_path):
     impls = {row["impl"] for row in data["rows"]}
     assert {"jax_nvfp4 xla donated", "jax_nvfp4 xla not donated", "copy floor"} <= impls
     for row in data["rows"]:
-        assert set(row) == {"shape", "E", "H", "I", "impl", "ms", "x_floor", "transient_bytes",
-                            "layer_bytes"}
+        assert set(row) == {"shape", "E", "H", "I", "impl", "ms", "x_floor", "device_ms",
+                            "device_x_floor", "transient_bytes", "layer_bytes"}
         assert row["ms"] > 0 and row["layer_bytes"] > 0
 
 
