@@ -166,6 +166,15 @@ def use_pallas(arrays) -> bool:
                           all(d.platform == "gpu" for d in x.devices()) for x in arrays)
 
 
+def needs_triton(spec: LayerSpec) -> bool:
+    """Whether ``backend="auto"`` takes the Triton kernels on CUDA for a (per-device) layer:
+    when an array is too large for the Pallas row kernels (2 GiB and up), which leaves
+    XLA moving it a byte per thread. Below that, the XLA path with Pallas spends the same
+    device time and less host time (measured on an H200, benchmarks/NOTES.md)."""
+    from . import _pallas
+    return not all(_pallas.fits(math.prod(s)) for s in spec.shapes(padded=True))
+
+
 def free_bytes(device) -> int | None:
     """Free memory on ``device`` (None where the platform does not say)."""
     try:
@@ -306,10 +315,13 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
     resolved = resolve_backend(backend, arrays, inverse=inverse)
     if plan is not None:  # sharded over a mesh: sizes and chunks are per device
         spec = plan.local
+    pallas = use_pallas(arrays)
+    if backend == "auto" and resolved == "triton" and pallas and not needs_triton(spec):
+        resolved = "xla"  # as fast on the device, and no callback's fixed cost (NOTES.md)
     free = (free_bytes(next(iter(arrays[0].devices())))
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
     chunks = experts_per_chunk(spec, chunk_bytes, free, w13_together=resolved == "triton")
-    program = _compiled(spec, inverse, donate, chunks, resolved, use_pallas(arrays), plan)
+    program = _compiled(spec, inverse, donate, chunks, resolved, pallas, plan)
     return Job(arrays, spec, chunks, program, donate, inverse)
 
 

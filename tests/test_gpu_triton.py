@@ -20,10 +20,17 @@ from helpers import assert_bytes_equal, random_layer, to_jax
 NAMES = ("w13", "w13_scale", "w2", "w2_scale")
 
 
-def test_auto_picks_triton_on_cuda(rng):
+def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng):
+    from jax_nvfp4 import _prepare
     layer = to_jax(random_layer(rng, 2, 128, 64))
     assert _backends.resolve_backend("auto", layer) == (
         "triton" if _backends.AUTO_PICKS_TRITON else "xla")
+    job = _prepare.plan_job(layer, gated=True, donate=False, backend="auto", chunk_bytes=None,
+                            inverse=False)
+    assert job.program is _prepare._compiled(job.spec, False, False, job.chunks, "xla", True,
+                                             None)
+    assert _prepare.needs_triton(LayerSpec(256, 7168, 2048, True))  # w13: 3.76 GB
+    assert not _prepare.needs_triton(LayerSpec(128, 7168, 2048, True))
 
 
 @pytest.mark.parametrize("e, h, i, gated", [(1, 128, 64, True), (3, 256, 96, True),
