@@ -25,8 +25,8 @@ BACKENDS = ("auto", "xla", "triton", "flashinfer")
 # the row permutation followed by flashinfer's kernel (which moves one byte per
 # thread), so "auto" stays on XLA. Set from measurements, not from availability.
 AUTO_PICKS_FLASHINFER = False
-# Whether "auto" picks the Triton kernels on CUDA when torch and triton import
-# (measured: benchmarks/NOTES.md).
+# Whether "auto" may pick the Triton kernels on CUDA (when torch and triton import);
+# _prepare.needs_triton then decides by array size (measured: benchmarks/NOTES.md).
 AUTO_PICKS_TRITON = True
 
 

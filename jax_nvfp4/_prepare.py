@@ -370,14 +370,18 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
     donate : bool, keyword-only
         Consume the inputs and work in place in their buffers (extra device memory:
         one chunk). With ``False`` the inputs stay valid and the outputs are new buffers.
-    backend : {"auto", "xla", "flashinfer"}, keyword-only
-        ``"xla"`` is pure JAX and runs on every platform. ``"flashinfer"`` runs the
-        scale swizzle with flashinfer's ``block_scale_interleave`` kernel inside the
-        jitted program (CUDA only; needs torch and flashinfer; same bytes). ``"auto"``
-        picks flashinfer only on CUDA, when installed, and where measured faster:
-        currently always ``"xla"`` (see ``jax_nvfp4._backends``).
+    backend : {"auto", "xla", "triton", "flashinfer"}, keyword-only
+        ``"xla"`` is pure JAX and runs on every platform. ``"triton"`` moves every array
+        with Triton kernels inside the jitted program (CUDA only; needs a CUDA build of
+        torch, which brings triton; same bytes; fastest on large layers).
+        ``"flashinfer"`` runs the scale swizzle with flashinfer's
+        ``block_scale_interleave`` kernel (CUDA only; needs torch and flashinfer; same
+        bytes). ``"auto"`` picks ``"triton"`` on CUDA, when installed, where XLA would move
+        an array of 2 GiB or more (per device) a byte per thread, else ``"xla"``; never
+        flashinfer (measured slower: see the README's Performance).
     chunk_bytes : int, optional, keyword-only
-        Scratch budget of the in-place loop (default: 1/32 of the layer, at least
+        Scratch budget of the in-place loop (with ``"triton"``: gated w13 and its scales
+        go through it together; default: 1/32 of the layer, at least
         64 MiB, at most 1/8 of the device's free memory): larger may be faster,
         smaller needs less free memory. Ignored with ``donate=False``.
 

@@ -1,7 +1,7 @@
-"""The TRT-LLM layout as Triton kernels on torch tensors (imported only by ``_triton``).
+"""The TRT-LLM layout as Triton kernels (imported only by ``_triton``: needs torch and triton).
 
-Every array is moved in units of 4 bytes (``torch.int32`` views of the uint8 /
-float8 bytes), and every offset is 64-bit, so arrays of any size work. A
+Every array is moved in units of 4 bytes (int32 pointers to the uint8 / float8
+bytes), and every offset is 64-bit, so arrays of any size work. A
 program owns one *group* of destination rows, which is where the layout's
 permutations close:
 
@@ -206,7 +206,7 @@ def layer_launches(shapes, *, gated: bool, chunk=None):
     Buffers: out of place (``chunk=None``) 0-3 are the sources and 4-7 the
     destinations; in place 0-3 are the arrays and 4 the scratch, which holds
     ``chunk`` experts of gated w13 and then of their scales
-    (:func:`scratch_bytes`). In place, w2 and its scales run beside the first chunk.
+    (``_triton.scratch_bytes``). In place, w2 and its scales run beside the first chunk.
     """
     if chunk is None:
         return [(rows(shapes[0], gated=gated, in_place=False, src=0, dst=4),
@@ -231,13 +231,6 @@ def layer_launches(shapes, *, gated: bool, chunk=None):
         out.append((copy(n * per[0], src=4, dst=0, dst_off=start * per[0]),
                     copy(n * per[1], src=4, dst=1, src_off=n * per[0], dst_off=start * per[1])))
     return out
-
-
-def scratch_bytes(shapes, *, gated: bool, chunk) -> int:
-    """Scratch of :func:`layer_launches` in place: ``chunk`` experts of gated w13 and scales."""
-    if not gated or chunk is None:
-        return 0
-    return min(chunk, shapes[0][0]) * sum(s[1] * s[2] for s in shapes[:2])
 
 
 def _consts(launch) -> dict:
