@@ -49,13 +49,14 @@ def _launches_alone(spec, layer, res):
     shapes = spec.shapes(padded=True)
     oop = K.plan(K.layer_launches(shapes, gated=True))
     ptrs = [t.data_ptr() for t in (*src, *dst)]
-    res["launches_oop_ms"] = events(lambda: K.run(oop, pointers=ptrs, stream=stream, device=dev))
+    res["launches_oop_ms"] = events(lambda: K.run(oop, tensors=None, pointers=ptrs,
+                                                  stream=stream, device=dev))
     chunk = _prepare.experts_per_chunk(spec, None, None, w13_together=True)[0]
     scratch = torch.empty(_triton.scratch_bytes(spec, (chunk,)), dtype=torch.uint8,
                           device=src[0].device)
     ip = K.plan(K.layer_launches(shapes, gated=True, chunk=chunk))
     ptrs = [t.data_ptr() for t in (*dst, scratch)]
-    res["launches_inplace_ms"] = events(lambda: K.run(ip, pointers=ptrs, stream=stream,
+    res["launches_inplace_ms"] = events(lambda: K.run(ip, tensors=None, pointers=ptrs, stream=stream,
                                                       device=dev))
     res["launches_inplace_count"] = len(ip)
     res["copy_layer_ms"] = events(lambda: [d.copy_(s) for s, d in zip(src, dst)])

@@ -65,7 +65,11 @@ def _pointer(buffer) -> int:
         _capsule_pointer = get
     # An unconsumed "dltensor" capsule frees its DLManagedTensor (not the buffer) when
     # collected. DLTensor: data, device (8 bytes), ndim, dtype, shape, strides, byte_offset.
-    tensor = _capsule_pointer(buffer.__dlpack__(), b"dltensor")
+    try:
+        tensor = _capsule_pointer(buffer.__dlpack__(), b"dltensor")
+    except Exception:  # noqa: BLE001 - another capsule kind: ask torch
+        from torch_bridge._bridge import torch_bytes
+        return torch_bytes(buffer).data_ptr()
     data = ctypes.c_uint64.from_address(tensor).value
     return data + ctypes.c_uint64.from_address(tensor + 40).value
 
@@ -92,12 +96,13 @@ def layer_program(spec: LayerSpec, *, chunks, pad):
     def callback(ctx, outs, *ins):
         buffers = outs if in_place else (*ins, *outs)
         kind, index = outs[0].__dlpack_device__()
+        tensors = lambda: [torch_bytes(b) for b in buffers]  # noqa: E731
         if kind == 2:  # kDLCUDA: XLA's stream and device, raw pointers
             with torch.cuda.device(index):
-                k.run(launches, pointers=[_pointer(b) for b in buffers], stream=ctx.stream,
-                      device=index)
+                k.run(launches, tensors=tensors, pointers=[_pointer(b) for b in buffers],
+                      stream=ctx.stream, device=index)
         else:  # Triton's interpreter
-            k.run(launches, tensors=[torch_bytes(b) for b in buffers])
+            k.run(launches, tensors=tensors)
 
     def program(*arrays):
         arrays = [p(x) for p, x in zip(pad, arrays)]

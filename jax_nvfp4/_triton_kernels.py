@@ -23,7 +23,9 @@ paying a launch and a tail.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import warnings
 
 import torch
 import triton
@@ -308,21 +310,40 @@ def _launch_direct(launch, device, ptrs, stream) -> bool:
     return False
 
 
-def run(launches, *, pointers=None, tensors=None, stream=None, device=None) -> None:
+# False once a direct launch failed in this process: Triton's usual dispatch from then on.
+_DIRECT = [True]
+
+
+def _launch_dispatch(launch, flat, stream) -> None:
+    """``kernel[grid](tensors...)``: Triton's own dispatch (and its interpreter on CPU)."""
+    with _lock, contextlib.ExitStack() as stack:
+        if stream is not None:
+            stack.enter_context(torch.cuda.stream(torch.cuda.ExternalStream(stream)))
+        _layer_kernel[launch.grid](*launch.views(flat), num_warps=launch.warps, **launch.consts)
+
+
+def run(launches, *, tensors, pointers=None, stream=None, device=None) -> None:
     """Run planned ``launches`` on the call's buffers.
 
     On CUDA give ``pointers`` (device addresses), the raw ``stream`` handle and the
     ``device`` index (current): kernels are compiled once per device and launched
-    directly. In Triton's interpreter (CPU) give ``tensors`` (torch uint8).
+    directly. ``tensors`` (a callable returning the buffers as torch uint8 tensors)
+    serves Triton's interpreter on CPU, and CUDA where the direct launch fails (it
+    goes through Triton's internals, which change between versions).
     """
-    if pointers is not None:
-        for launch in launches:
-            if not _launch_direct(launch, device, pointers, stream):
-                raise RuntimeError("this Triton's kernel launcher takes arguments in an "
-                                   "unknown way; use backend=\"xla\"")
-        return
-    flat = [t.reshape(-1) for t in tensors]
-    with _lock:
-        for launch in launches:
-            _layer_kernel[launch.grid](*launch.views(flat), num_warps=launch.warps,
-                                       **launch.consts)
+    flat = None
+    for launch in launches:
+        if pointers is not None and _DIRECT[0]:
+            try:
+                if _launch_direct(launch, device, pointers, stream):
+                    continue
+                reason = "its launcher takes arguments in an unknown way"
+            except Exception as e:  # noqa: BLE001 - any failure before the launch
+                reason = repr(e)
+            _DIRECT[0] = False
+            warnings.warn(f"jax_nvfp4: launching Triton kernels directly failed ({reason}); "
+                          "using Triton's usual dispatch (same bytes, more host time)",
+                          RuntimeWarning, stacklevel=2)
+        if flat is None:
+            flat = [t.reshape(-1) for t in tensors()]
+        _launch_dispatch(launch, flat, stream)

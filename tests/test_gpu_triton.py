@@ -82,3 +82,20 @@ def test_kernels_launch_without_tritons_dispatch(rng):
     jax.block_until_ready(jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, 2, 256, 128)),
                                                   backend="triton"))
     assert _triton_kernels._ARGS_MODE, "the direct launch path was not taken"
+
+
+def test_a_failing_direct_launch_falls_back_to_tritons_dispatch(rng, monkeypatch):
+    """The direct launch uses Triton internals; if they change, the bytes must not."""
+    from jax_nvfp4 import _triton_kernels
+
+    def broken(*args, **kwargs):
+        raise AttributeError("no such launcher")
+
+    monkeypatch.setattr(_triton_kernels, "_launch_direct", broken)
+    monkeypatch.setattr(_triton_kernels, "_DIRECT", [True])
+    layer = random_layer(rng, 9, 256, 128)
+    with pytest.warns(RuntimeWarning, match="directly failed"):
+        out = jax_nvfp4.prepare_layer(*to_jax(layer), backend="triton", chunk_bytes=1 << 16)
+        jax.block_until_ready(out)
+    for name, g, w in zip(NAMES, out, _reference.prepare_layer(*layer, gated=True)):
+        assert_bytes_equal(g, w, name)
