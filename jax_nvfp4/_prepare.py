@@ -166,6 +166,11 @@ def use_pallas(arrays) -> bool:
                           all(d.platform == "gpu" for d in x.devices()) for x in arrays)
 
 
+def _triton_one_pass(spec: LayerSpec) -> bool:
+    from . import _triton
+    return _triton.w13_in_one_pass(spec)
+
+
 def needs_triton(spec: LayerSpec) -> bool:
     """Whether ``backend="auto"`` takes the Triton kernels on CUDA for a (per-device) layer:
     when an array is too large for the Pallas row kernels (2 GiB and up), which leaves
@@ -320,7 +325,8 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
         resolved = "xla"  # as fast on the device, and no callback's fixed cost (NOTES.md)
     free = (free_bytes(next(iter(arrays[0].devices())))
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
-    chunks = experts_per_chunk(spec, chunk_bytes, free, w13_together=resolved == "triton")
+    together = resolved == "triton" and not _triton_one_pass(spec)
+    chunks = experts_per_chunk(spec, chunk_bytes, free, w13_together=together)
     program = _compiled(spec, inverse, donate, chunks, resolved, pallas, plan)
     return Job(arrays, spec, chunks, program, donate, inverse)
 

@@ -43,13 +43,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Gated w13 moves in place in one pass where one program holds all of an expert's rows
+# for a block of at least WHOLE_MIN_UNITS four-byte columns, TILE_WHOLE units in all:
+# 2I a power of two up to 1024 (TP shards). Larger, its rows go through scratch.
+TILE_WHOLE = 16384
+WHOLE_MIN_UNITS = 16
+
+
+def w13_in_one_pass(spec: LayerSpec) -> bool:
+    """Whether the in-place program moves gated w13 in one pass (no scratch for it)."""
+    rows = spec.shapes(padded=True)[0][1]
+    return spec.gated and rows & (rows - 1) == 0 and TILE_WHOLE // rows >= WHOLE_MIN_UNITS
+
+
 def scratch_bytes(spec: LayerSpec, chunks) -> int:
-    """Scratch of the in-place program: ``chunks[0]`` experts of gated w13 and of its
-    scales (0 when not gated: every group is then its own source)."""
+    """Scratch of the in-place program: a chunk of gated w13's scales, and of w13 itself
+    unless it moves in one pass (0 when not gated: every group is its own source).
+    Chunks (experts) are ``chunks[1]`` for the scales alone, else ``chunks[0]``."""
     if not spec.gated or chunks is None:
         return 0
-    shapes = spec.shapes(padded=True)
-    return min(chunks[0], spec.experts) * sum(math.prod(s[1:]) for s in shapes[:2])
+    per = [math.prod(s[1:]) for s in spec.shapes(padded=True)[:2]]
+    if w13_in_one_pass(spec):
+        return min(chunks[1], spec.experts) * per[1]
+    return min(chunks[0], spec.experts) * (per[0] + per[1])
 
 
 _capsule_pointer = None
@@ -90,8 +106,10 @@ def layer_program(spec: LayerSpec, *, chunks, pad):
     in_place = chunks is not None
     extra = scratch_bytes(spec, chunks) if in_place else 0
     # Every launch is planned here, at trace time; the callback only launches.
-    launches = k.plan(k.layer_launches(spec.shapes(padded=True), gated=spec.gated,
-                                       chunk=chunks[0] if in_place else None))
+    one_pass = w13_in_one_pass(spec)
+    launches = k.plan(k.layer_launches(
+        spec.shapes(padded=True), gated=spec.gated, w13_one_pass=one_pass,
+        chunk=None if not in_place else chunks[1] if one_pass else chunks[0]))
 
     def callback(ctx, outs, *ins):
         buffers = outs if in_place else (*ins, *outs)

@@ -166,18 +166,26 @@ class Segment:
 
     def __init__(self, kind, programs, consts, units, src, dst, src_off=0, dst_off=0):
         self.kind, self.programs, self.consts = kind, programs, consts  # (A, B, C, D, G, P)
-        self.warps = 8 if units >= 8192 else 4
+        self.warps = 16 if units >= 16384 else 8 if units >= 8192 else 4
         self.src, self.dst, self.src_off, self.dst_off = src, dst, src_off, dst_off
 
 
 def rows(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None):
-    """Moving the rows of ``experts`` experts of a ``[E, rows, K]`` byte array."""
+    """Moving the rows of ``experts`` experts of a ``[E, rows, K]`` byte array.
+
+    Gated and in place, a program holds all of an expert's rows for its block of
+    columns (the interleave's only closed set): ``_triton.w13_in_one_pass`` says when.
+    """
+    from ._triton import TILE_WHOLE
     e, r, k = shape
     e = e if experts is None else experts
-    assert not (in_place and gated), "gated rows cannot move in place"
     ku = k // 4
-    bk = _block(ku, 256)
-    ng = _batch(r // 32, 32 * bk)
+    if in_place and gated:
+        assert r & (r - 1) == 0 and TILE_WHOLE // r >= 1, "gated rows cannot move in place"
+        bk, ng = _block(ku, TILE_WHOLE // r), r // 32
+    else:
+        bk = _block(ku, 256)
+        ng = _batch(r // 32, 32 * bk)
     return Segment(ROWS, e * (r // (32 * ng)) * triton.cdiv(ku, bk),
                    (r, ku, bk, ng, gated, in_place), 32 * ng * bk, src, dst, src_off, dst_off)
 
@@ -202,13 +210,14 @@ def copy(nbytes, *, src, dst, src_off=0, dst_off=0):
                    COPY_BLOCK, src, dst, src_off, dst_off)
 
 
-def layer_launches(shapes, *, gated: bool, chunk=None):
+def layer_launches(shapes, *, gated: bool, chunk=None, w13_one_pass: bool = False):
     """Every launch (a tuple of segments) that prepares one layer of padded ``shapes``.
 
     Buffers: out of place (``chunk=None``) 0-3 are the sources and 4-7 the
     destinations; in place 0-3 are the arrays and 4 the scratch, which holds
-    ``chunk`` experts of gated w13 and then of their scales
-    (``_triton.scratch_bytes``). In place, w2 and its scales run beside the first chunk.
+    ``chunk`` experts of gated w13 and then of their scales, or of the scales alone
+    with ``w13_one_pass`` (``_triton.scratch_bytes``). In place, the arrays that move
+    in one pass run beside the first chunk.
     """
     if chunk is None:
         return [(rows(shapes[0], gated=gated, in_place=False, src=0, dst=4),
@@ -223,6 +232,15 @@ def layer_launches(shapes, *, gated: bool, chunk=None):
     e = shapes[0][0]
     per = [s[1] * s[2] for s in shapes[:2]]
     out = []
+    if w13_one_pass:
+        tail = (rows(shapes[0], gated=True, in_place=True, src=0, dst=0), *tail)
+        for start in range(0, e, chunk):
+            n = min(chunk, e - start)
+            gather = (scales(shapes[1], gated=True, in_place=False, src=1, dst=4,
+                             src_off=start * per[1], experts=n),)
+            out.append(gather + (tail if start == 0 else ()))
+            out.append((copy(n * per[1], src=4, dst=1, dst_off=start * per[1]),))
+        return out
     for start in range(0, e, chunk):
         n = min(chunk, e - start)
         gather = (rows(shapes[0], gated=True, in_place=False, src=0, dst=4,

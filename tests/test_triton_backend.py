@@ -55,17 +55,27 @@ def test_triton_backend_is_bit_exact(rng, e, h, i, gated, chunk_bytes, donate):
 def test_in_place_program_needs_one_chunk_of_scratch(gated):
     e, h, i = 8, 256, 128
     spec = LayerSpec(e, h, i, gated)
-    chunks = _prepare.experts_per_chunk(spec, 70000, w13_together=True)
+    one_pass = _triton.w13_in_one_pass(spec)
+    chunks = _prepare.experts_per_chunk(spec, 70000, w13_together=not one_pass)
     program = _prepare._compiled(spec, False, True, chunks, "triton")
     shapes = [jax.ShapeDtypeStruct(s, d) for s, d in
               zip(spec.shapes(padded=True), ("uint8", "float8_e4m3fn") * 2)]
     stats = program.lower(*shapes).compile().memory_analysis()
     assert stats.alias_size_in_bytes == spec.nbytes
     assert stats.temp_size_in_bytes <= _triton.scratch_bytes(spec, chunks) + 4096
-    if gated:
-        assert 0 < _triton.scratch_bytes(spec, chunks) <= 70000
+    if gated:  # 2I = 256 rows: w13 in one pass, only its scales go through scratch
+        assert one_pass and 0 < _triton.scratch_bytes(spec, chunks) <= 70000
+        assert _triton.scratch_bytes(spec, chunks) % (256 * 256 // 16) == 0
     else:
         assert _triton.scratch_bytes(spec, chunks) == 0
+
+
+def test_w13_moves_in_one_pass_up_to_1024_rows():
+    assert _triton.w13_in_one_pass(LayerSpec(256, 7168, 256, True))     # DeepSeek-V3 TP8
+    assert _triton.w13_in_one_pass(LayerSpec(8, 2048, 512, True))       # 2I = 1024
+    assert not _triton.w13_in_one_pass(LayerSpec(256, 7168, 2048, True))  # 4096 rows
+    assert not _triton.w13_in_one_pass(LayerSpec(128, 2048, 768, True))   # 1536: not 2**k
+    assert not _triton.w13_in_one_pass(LayerSpec(8, 256, 128, False))     # not gated
 
 
 def test_triton_on_cpu_without_the_interpreter_is_refused_before_donation(rng, monkeypatch):
