@@ -171,11 +171,18 @@ def _triton_one_pass(spec: LayerSpec) -> bool:
     return _triton.w13_in_one_pass(spec)
 
 
+def auto_takes_triton(spec: LayerSpec, *, donate: bool, inverse: bool = False) -> bool:
+    """Whether ``backend="auto"`` takes the Triton kernels on CUDA (when installed) for a
+    (per-device) layer: where an array is too large for the Pallas row kernels
+    (:func:`needs_triton`), or in place where Triton moves gated w13 in one pass
+    (``_triton.w13_in_one_pass``: TP shards). Elsewhere the XLA path with Pallas spends
+    about the same device time and less host time (H200, benchmarks/NOTES.md)."""
+    return needs_triton(spec) or (donate and not inverse and _triton_one_pass(spec))
+
+
 def needs_triton(spec: LayerSpec) -> bool:
-    """Whether ``backend="auto"`` takes the Triton kernels on CUDA for a (per-device) layer:
-    when an array is too large for the Pallas row kernels (2 GiB and up), which leaves
-    XLA moving it a byte per thread. Below that, the XLA path with Pallas spends the same
-    device time and less host time (measured on an H200, benchmarks/NOTES.md)."""
+    """Whether an array of the layer is 2 GiB or more: too large for the Pallas row
+    kernels, which leaves XLA moving it a byte per thread."""
     from . import _pallas
     return not all(_pallas.fits(math.prod(s)) for s in spec.shapes(padded=True))
 
@@ -321,7 +328,8 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
     if plan is not None:  # sharded over a mesh: sizes and chunks are per device
         spec = plan.local
     pallas = use_pallas(arrays)
-    if backend == "auto" and resolved == "triton" and pallas and not needs_triton(spec):
+    if backend == "auto" and resolved == "triton" and pallas \
+            and not auto_takes_triton(spec, donate=donate, inverse=inverse):
         resolved = "xla"  # as fast on the device, and no callback's fixed cost (NOTES.md)
     free = (free_bytes(next(iter(arrays[0].devices())))
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
@@ -383,8 +391,9 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
         ``"flashinfer"`` runs the scale swizzle with flashinfer's
         ``block_scale_interleave`` kernel (CUDA only; needs torch and flashinfer; same
         bytes). ``"auto"`` picks ``"triton"`` on CUDA, when installed, where XLA would move
-        an array of 2 GiB or more (per device) a byte per thread, else ``"xla"``; never
-        flashinfer (measured slower: see the README's Performance).
+        an array of 2 GiB or more (per device) a byte per thread, or in place where
+        Triton moves gated w13 in one pass (``2I`` a power of two up to 1024), else
+        ``"xla"``; never flashinfer (measured slower: see the README's Performance).
     chunk_bytes : int, optional, keyword-only
         Scratch budget of the in-place loop (with ``"triton"``: gated w13 and its scales
         go through it together; default: 1/32 of the layer, at least

@@ -27,6 +27,10 @@ def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng):
                             inverse=False)
     assert job.program is _prepare._compiled(job.spec, False, False, job.chunks, "xla", True,
                                              None)
+    job = _prepare.plan_job(layer, gated=True, donate=True, backend="auto", chunk_bytes=None,
+                            inverse=False)  # in place, w13 in one pass (2I = 128)
+    assert job.program is _prepare._compiled(job.spec, False, True, job.chunks, "triton", True,
+                                             None)
     assert _prepare.needs_triton(LayerSpec(256, 7168, 2048, True))  # w13: 3.76 GB
     assert not _prepare.needs_triton(LayerSpec(128, 7168, 2048, True))
 

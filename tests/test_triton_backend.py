@@ -70,6 +70,17 @@ def test_in_place_program_needs_one_chunk_of_scratch(gated):
         assert _triton.scratch_bytes(spec, chunks) == 0
 
 
+def test_auto_takes_triton_for_large_arrays_and_one_pass_in_place():
+    deepseek, tp8, qwen3 = (LayerSpec(*s, True) for s in ((256, 7168, 2048), (256, 7168, 256),
+                                                          (128, 2048, 768)))
+    for donate in (True, False):
+        assert _prepare.auto_takes_triton(deepseek, donate=donate)  # w13: 3.76 GB
+        assert not _prepare.auto_takes_triton(qwen3, donate=donate)
+    assert _prepare.auto_takes_triton(tp8, donate=True)
+    assert not _prepare.auto_takes_triton(tp8, donate=False)
+    assert not _prepare.auto_takes_triton(tp8, donate=True, inverse=True)
+
+
 def test_w13_moves_in_one_pass_up_to_1024_rows():
     assert _triton.w13_in_one_pass(LayerSpec(256, 7168, 256, True))     # DeepSeek-V3 TP8
     assert _triton.w13_in_one_pass(LayerSpec(8, 2048, 512, True))       # 2I = 1024
