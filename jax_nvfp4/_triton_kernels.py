@@ -13,7 +13,9 @@ It loads the group's source elements (gathered by the index formulas of
 source of a group is the group itself (not gated: shuffle groups map onto
 themselves, and so do whole swizzle tiles), the same kernel works in place: the
 barrier between load and store makes every read happen before any write. Gated
-w13 mixes the two halves, so in place it goes through a scratch chunk
+w13 mixes the two halves, so its closed group is a whole expert's rows: in place
+a program takes them all for a few columns where they fit (2I up to 1024),
+otherwise w13 goes through a scratch chunk, as its scales always do
 (``layer_launches``).
 
 One launch runs up to four such *segments* (arrays, or chunks of them): program
@@ -294,6 +296,7 @@ class Launch:
 
 
 def plan(launches) -> list[Launch]:
+    """``layer_launches``' tuples of segments as :class:`Launch` objects."""
     return [Launch(segs) for segs in launches]
 
 
