@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton import TILE_WHOLE
+
 
 @triton.jit
 def _rows(src, dst, pid, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
@@ -178,7 +180,6 @@ def rows(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=
     Gated and in place, a program holds all of an expert's rows for its block of
     columns (the interleave's only closed set): ``_triton.w13_in_one_pass`` says when.
     """
-    from ._triton import TILE_WHOLE
     e, r, k = shape
     e = e if experts is None else experts
     ku = k // 4
@@ -233,25 +234,22 @@ def layer_launches(shapes, *, gated: bool, chunk=None, w13_one_pass: bool = Fals
                  scales(shapes[1], gated=False, in_place=True, src=1, dst=1), *tail)]
     e = shapes[0][0]
     per = [s[1] * s[2] for s in shapes[:2]]
-    out = []
+    through = (1,) if w13_one_pass else (0, 1)  # what goes through scratch, in its order
     if w13_one_pass:
         tail = (rows(shapes[0], gated=True, in_place=True, src=0, dst=0), *tail)
-        for start in range(0, e, chunk):
-            n = min(chunk, e - start)
-            gather = (scales(shapes[1], gated=True, in_place=False, src=1, dst=4,
-                             src_off=start * per[1], experts=n),)
-            out.append(gather + (tail if start == 0 else ()))
-            out.append((copy(n * per[1], src=4, dst=1, dst_off=start * per[1]),))
-        return out
+    out = []
     for start in range(0, e, chunk):
         n = min(chunk, e - start)
-        gather = (rows(shapes[0], gated=True, in_place=False, src=0, dst=4,
-                       src_off=start * per[0], experts=n),
-                  scales(shapes[1], gated=True, in_place=False, src=1, dst=4,
-                         src_off=start * per[1], dst_off=n * per[0], experts=n))
-        out.append(gather + (tail if start == 0 else ()))
-        out.append((copy(n * per[0], src=4, dst=0, dst_off=start * per[0]),
-                    copy(n * per[1], src=4, dst=1, src_off=n * per[0], dst_off=start * per[1])))
+        gather, back, off = [], [], 0
+        for idx in through:
+            move = rows if idx == 0 else scales
+            gather.append(move(shapes[idx], gated=True, in_place=False, src=idx, dst=4,
+                               src_off=start * per[idx], dst_off=off, experts=n))
+            back.append(copy(n * per[idx], src=4, dst=idx, src_off=off,
+                             dst_off=start * per[idx]))
+            off += n * per[idx]
+        out.append((*gather, *(tail if start == 0 else ())))
+        out.append(tuple(back))
     return out
 
 
