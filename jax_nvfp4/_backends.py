@@ -18,6 +18,8 @@ import importlib.util
 import jax
 from torch_bridge._bridge import INSTALL_HINT
 
+from . import _triton
+
 BACKENDS = ("auto", "xla", "triton", "flashinfer")
 
 # Whether "auto" may pick flashinfer. Measured on an H100 and an H200
@@ -26,9 +28,9 @@ BACKENDS = ("auto", "xla", "triton", "flashinfer")
 # thread), so "auto" stays on XLA. Set from measurements, not from availability.
 AUTO_PICKS_FLASHINFER = False
 # Whether "auto" may pick the Triton kernels on CUDA (when torch and triton import);
-# _prepare.needs_triton then decides by array size (measured: benchmarks/NOTES.md).
+# the caller's ``auto_triton`` then says whether they win for the layer
+# (_prepare.auto_takes_triton; measured: benchmarks/NOTES.md).
 AUTO_PICKS_TRITON = True
-
 
 
 def flashinfer_missing() -> str | None:
@@ -65,13 +67,15 @@ def _on_cpu(arrays) -> bool:
     return bool(devices) and all(d.platform == "cpu" for d in devices)
 
 
-def resolve_backend(backend: str, arrays, *, inverse: bool = False) -> str:
+def resolve_backend(backend: str, arrays, *, inverse: bool = False,
+                    auto_triton: bool = True) -> str:
     """The backend that will run (``"xla"``, ``"triton"`` or ``"flashinfer"``).
 
     Checks the name, and for ``"triton"`` / ``"flashinfer"`` that their packages
     import and the arrays live on a CUDA device (Triton: or on CPU under
     ``TRITON_INTERPRET=1``), before anything is donated. The inverse has no
-    kernel: ``unprepare`` always runs on XLA.
+    kernel: ``unprepare`` always runs on XLA. ``auto_triton``: whether ``"auto"``
+    takes Triton for this layer where it can run.
 
     Raises
     ------
@@ -80,14 +84,12 @@ def resolve_backend(backend: str, arrays, *, inverse: bool = False) -> str:
     ImportError
         A kernel backend without its packages installed (says what to install).
     """
-    from . import _triton
-
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if inverse or backend == "xla":
         return "xla"
     if backend == "auto":
-        if AUTO_PICKS_TRITON and _on_cuda(arrays) and _triton.missing() is None:
+        if AUTO_PICKS_TRITON and auto_triton and _on_cuda(arrays) and _triton.missing() is None:
             return "triton"
         if AUTO_PICKS_FLASHINFER and _on_cuda(arrays) and flashinfer_missing() is None:
             return "flashinfer"

@@ -10,15 +10,15 @@ transform per array (fastest; the caller keeps the inputs).
 from __future__ import annotations
 
 import dataclasses
-import math
 import functools
+import math
 from typing import Callable
 
 import jax
 from jax import lax
 import numpy as np
 
-from . import _layout, _marks, _sharding
+from . import _layout, _marks, _sharding, _triton
 from ._spec import BLOCK, NAMES, SCALE_DTYPE, LayerSpec, check_arrays
 
 from ._backends import resolve_backend, scale_writer
@@ -166,18 +166,13 @@ def use_pallas(arrays) -> bool:
                           all(d.platform == "gpu" for d in x.devices()) for x in arrays)
 
 
-def _triton_one_pass(spec: LayerSpec) -> bool:
-    from . import _triton
-    return _triton.w13_in_one_pass(spec)
-
-
 def auto_takes_triton(spec: LayerSpec, *, donate: bool, inverse: bool = False) -> bool:
     """Whether ``backend="auto"`` takes the Triton kernels on CUDA (when installed) for a
     (per-device) layer: where an array is too large for the Pallas row kernels
     (:func:`needs_triton`), or in place where Triton moves gated w13 in one pass
     (``_triton.w13_in_one_pass``: TP shards). Elsewhere the XLA path with Pallas spends
     about the same device time and less host time (H200, benchmarks/NOTES.md)."""
-    return needs_triton(spec) or (donate and not inverse and _triton_one_pass(spec))
+    return needs_triton(spec) or (donate and not inverse and _triton.w13_in_one_pass(spec))
 
 
 def needs_triton(spec: LayerSpec) -> bool:
@@ -276,7 +271,6 @@ def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks, backend: str
     # place and let the caller delete the inputs.
     in_place = donate and (inverse or not spec.needs_padding)
     if backend == "triton" and not inverse:
-        from . import _triton
         program = _triton.layer_program(spec, chunks=chunks if in_place else None,
                                         pad=_pad(spec))
     else:
@@ -323,17 +317,17 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
     if len({id(x) for x in arrays}) != 4:
         raise ValueError("the four arrays must be distinct objects")
     plan = _sharding.plan(arrays, gated=gated, prepared=inverse, where=where)
-    # Last of the checks: "flashinfer" may compile its module (~40 s) on first use.
-    resolved = resolve_backend(backend, arrays, inverse=inverse)
     if plan is not None:  # sharded over a mesh: sizes and chunks are per device
         spec = plan.local
     pallas = use_pallas(arrays)
-    if backend == "auto" and resolved == "triton" and pallas \
-            and not auto_takes_triton(spec, donate=donate, inverse=inverse):
-        resolved = "xla"  # as fast on the device, and no callback's fixed cost (NOTES.md)
+    # Last of the checks: "flashinfer" may compile its module (~40 s) on first use.
+    # Without Pallas, XLA moves the weights a byte per thread: Triton wins everywhere.
+    resolved = resolve_backend(
+        backend, arrays, inverse=inverse,
+        auto_triton=not pallas or auto_takes_triton(spec, donate=donate, inverse=inverse))
     free = (free_bytes(next(iter(arrays[0].devices())))
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
-    together = resolved == "triton" and not _triton_one_pass(spec)
+    together = resolved == "triton" and not _triton.w13_in_one_pass(spec)
     chunks = experts_per_chunk(spec, chunk_bytes, free, w13_together=together)
     program = _compiled(spec, inverse, donate, chunks, resolved, pallas, plan)
     return Job(arrays, spec, chunks, program, donate, inverse)

@@ -68,17 +68,15 @@ def scratch_bytes(spec: LayerSpec, chunks) -> int:
     return min(chunks[0], spec.experts) * (per[0] + per[1])
 
 
-_capsule_pointer = None
+# Our own prototype of PyCapsule_GetPointer (not ctypes.pythonapi's shared one, whose
+# restype and argtypes other code may rely on).
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
 
 
 def _pointer(buffer) -> int:
     """The device address of a ``buffer_callback`` buffer, read from its DLPack capsule
     (no torch tensor: that costs tens of microseconds per buffer, float8 included)."""
-    global _capsule_pointer
-    if _capsule_pointer is None:
-        get = ctypes.pythonapi.PyCapsule_GetPointer
-        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-        _capsule_pointer = get
     # An unconsumed "dltensor" capsule frees its DLManagedTensor (not the buffer) when
     # collected. DLTensor: data, device (8 bytes), ndim, dtype, shape, strides, byte_offset.
     try:

@@ -263,7 +263,6 @@ def on_xla_stream(ctx, buffer):
 
     Kernels launched in the block (torch's, flashinfer's, Triton's) then run in
     order with XLA's work on ``buffer``'s device, with no host synchronization.
-    Yields the CUDA device index (None on CPU).
     """
     torch = _torch()
     kind, index = buffer.__dlpack_device__()
@@ -273,9 +272,7 @@ def on_xla_stream(ctx, buffer):
             stack.enter_context(torch.cuda.device(device))
             stack.enter_context(torch.cuda.stream(
                 torch.cuda.ExternalStream(ctx.stream, device=device)))
-            yield index
-        else:
-            yield None
+        yield
 
 
 def torch_bytes(buffer):
