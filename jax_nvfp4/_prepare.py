@@ -294,6 +294,7 @@ class Job:
     program: Callable
     donate: bool
     inverse: bool
+    valid: LayerSpec | None = None  # the whole layer's sizes (``spec`` is per device)
 
 
 def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") -> Job:
@@ -307,7 +308,7 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
         raise TypeError(f"gated must be a bool, got {gated!r}")
     if not isinstance(donate, bool):
         raise TypeError(f"donate must be a bool, got {donate!r}")
-    spec = check_arrays(arrays, gated=gated, prepared=inverse, where=where)
+    spec = valid = check_arrays(arrays, gated=gated, prepared=inverse, where=where)
     for name, x in zip(NAMES, arrays):
         if not inverse and _marks.is_marked(x):
             raise ValueError(
@@ -330,7 +331,7 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
     together = resolved == "triton" and not _triton.w13_in_one_pass(spec)
     chunks = experts_per_chunk(spec, chunk_bytes, free, w13_together=together)
     program = _compiled(spec, inverse, donate, chunks, resolved, pallas, plan)
-    return Job(arrays, spec, chunks, program, donate, inverse)
+    return Job(arrays, spec, chunks, program, donate, inverse, valid)
 
 
 def run_job(job: Job) -> tuple:

@@ -5,10 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 from . import _marks
 from ._prepare import plan_job, run_job
 from ._spec import NAMES
+
+
+def _size(name: str, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise TypeError(f"PreparedLayer: {name} must be a positive int or None, got {value!r}")
+    return int(value)
 
 
 class PreparedLayer(dict):
@@ -18,20 +27,67 @@ class PreparedLayer(dict):
     pytree node like ``dict``; its type is the mark that makes :func:`prepare`
     refuse to shuffle the layer twice, and it survives ``jax.tree.map``,
     ``jax.device_put`` and the like.
+
+    Parameters
+    ----------
+    mapping_or_items : mapping or iterable of (key, value), optional
+        The entries, as for ``dict``.
+    hidden_size, intermediate_size : int or None, keyword-only
+        The model's valid ``H`` and ``I`` before any padding (the prepared arrays
+        may be larger: see :func:`prepare_layer`); None when unknown. Read them as
+        the attributes ``.hidden_size`` and ``.intermediate_size``; they are pytree
+        aux data, so they survive ``jax.tree.map`` and flatten/unflatten. Built from
+        another ``PreparedLayer``, the sizes not given are taken from it.
     """
 
+    def __init__(self, mapping_or_items=(), /, *, hidden_size: int | None = None,
+                 intermediate_size: int | None = None):
+        super().__init__(mapping_or_items)
+        if isinstance(mapping_or_items, PreparedLayer):
+            hidden_size = mapping_or_items.hidden_size if hidden_size is None else hidden_size
+            if intermediate_size is None:
+                intermediate_size = mapping_or_items.intermediate_size
+        self._hidden_size = _size("hidden_size", hidden_size)
+        self._intermediate_size = _size("intermediate_size", intermediate_size)
+
+    @property
+    def hidden_size(self) -> int | None:
+        """The model's valid hidden size ``H`` before padding (None: unknown)."""
+        return self._hidden_size
+
+    @property
+    def intermediate_size(self) -> int | None:
+        """The model's valid intermediate size ``I`` before padding (None: unknown)."""
+        return self._intermediate_size
+
+    def copy(self) -> PreparedLayer:
+        return PreparedLayer(self)
+
+    def __reduce__(self):  # pickle/copy keep the sizes
+        return (_rebuild, (dict(self), self._hidden_size, self._intermediate_size))
+
     def __repr__(self) -> str:
-        return f"PreparedLayer({dict.__repr__(self)})"
+        return (f"PreparedLayer({dict.__repr__(self)}, hidden_size={self._hidden_size}, "
+                f"intermediate_size={self._intermediate_size})")
+
+
+def _rebuild(items, hidden_size, intermediate_size):
+    return PreparedLayer(items, hidden_size=hidden_size, intermediate_size=intermediate_size)
 
 
 def _flatten(layer):
     keys = sorted(layer)
-    return [(jax.tree_util.DictKey(k), layer[k]) for k in keys], tuple(keys)
+    aux = (tuple(keys), layer.hidden_size, layer.intermediate_size)
+    return [(jax.tree_util.DictKey(k), layer[k]) for k in keys], aux
 
 
-jax.tree_util.register_pytree_with_keys(
-    PreparedLayer, _flatten, lambda keys, children: PreparedLayer(zip(keys, children))
-)
+def _unflatten(aux, children):
+    keys, hidden_size, intermediate_size = aux
+    return PreparedLayer(zip(keys, children), hidden_size=hidden_size,
+                         intermediate_size=intermediate_size)
+
+
+jax.tree_util.register_pytree_with_keys(PreparedLayer, _flatten, _unflatten)
 
 
 def _is_layer(x) -> bool:
@@ -98,6 +154,8 @@ def prepare(params, *, gated: bool = True, donate: bool = True, backend: str = "
         jobs.append((i, job))
     leaves = [x for _, x in flat]
     for i, job in jobs:  # every layer validated: now donate, one layer at a time
-        leaves[i] = PreparedLayer(leaves[i])
+        valid = job.valid  # the model's sizes (the job's spec may be per device)
+        leaves[i] = PreparedLayer(leaves[i], hidden_size=valid.hidden,
+                                  intermediate_size=valid.intermediate)
         leaves[i].update(zip(NAMES, run_job(job)))
     return jax.tree_util.tree_unflatten(treedef, leaves)

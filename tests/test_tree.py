@@ -110,3 +110,39 @@ def test_non_gated_and_lists(rng):
     assert isinstance(out, list)
     for name, want in zip(NAMES, _reference.prepare_layer(*arrays, gated=False)):
         assert_bytes_equal(out[0][name], want, name)
+
+
+def test_prepared_layer_records_valid_sizes(rng):
+    params, _ = _model(rng, layers=2, e=2, h=128, i=96)  # I = 96 is padded to 128
+    out = jax_nvfp4.prepare(params)
+    moe = out["layers"][1]["mlp"]["experts"]
+    assert (moe.hidden_size, moe.intermediate_size) == (128, 96)
+    assert moe["w2_weight"].shape[2] == 128 // 2  # the arrays are padded, the sizes are not
+    assert "hidden_size=128" in repr(moe) and "intermediate_size=96" in repr(moe)
+
+
+def test_prepared_layer_sizes_are_pytree_aux_data(rng):
+    import copy
+    import pickle
+    layer = jax_nvfp4.PreparedLayer({"a": jnp.ones(2), "b": 3.0}, hidden_size=2688,
+                                    intermediate_size=1856)
+    for got in (jax.tree.map(lambda x: x * 2, layer),
+                jax.tree.unflatten(*reversed(jax.tree.flatten(layer))),
+                jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(layer),
+                                             jax.tree_util.tree_leaves(layer)),
+                jax.device_put(layer), layer.copy(), copy.deepcopy(layer),
+                pickle.loads(pickle.dumps(layer)), jax_nvfp4.PreparedLayer(layer)):
+        assert isinstance(got, jax_nvfp4.PreparedLayer)
+        assert (got.hidden_size, got.intermediate_size) == (2688, 1856)
+        assert sorted(got) == ["a", "b"]
+    # the sizes are part of the tree structure: layers with other sizes are other trees
+    other = jax_nvfp4.PreparedLayer(layer, hidden_size=2560)
+    assert other.intermediate_size == 1856
+    assert jax.tree.structure(other) != jax.tree.structure(layer)
+    plain = jax_nvfp4.PreparedLayer({"a": 1})
+    assert (plain.hidden_size, plain.intermediate_size) == (None, None)
+    assert "hidden_size=None" in repr(plain)
+    with pytest.raises(TypeError, match="hidden_size must be a positive int"):
+        jax_nvfp4.PreparedLayer({}, hidden_size=0)
+    with pytest.raises(TypeError, match="intermediate_size must be a positive int"):
+        jax_nvfp4.PreparedLayer({}, intermediate_size=1.5)
