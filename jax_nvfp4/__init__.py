@@ -18,6 +18,7 @@ dequantize_layer
 from ._dequant import dequantize_layer
 from ._load import load
 from ._prepare import prepare_layer, unprepare_layer
+from ._scales import kernel_scales
 from ._tree import PreparedLayer, is_prepared, prepare
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "PreparedLayer",
     "dequantize_layer",
     "is_prepared",
+    "kernel_scales",
     "load",
     "prepare",
     "prepare_layer",
