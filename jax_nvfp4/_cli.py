@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 # name -> (module with configure(parser) and run(args) -> int, one-line help)
@@ -18,6 +19,22 @@ COMMANDS = {
 
 class UserError(Exception):
     """An error the user can act on: printed without a traceback, exit code 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A terminating signal (SIGTERM, SIGHUP) turned into an exception: exit 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _user_errors() -> tuple:
+    """What is printed without a traceback (exit 2): safetensors' I/O errors are not OSError."""
+    errors = (UserError, ValueError, TypeError, OSError)
+    if "safetensors" in sys.modules:
+        errors += (sys.modules["safetensors"].SafetensorError,)
+    return errors
 
 
 def main(argv=None) -> int:
@@ -37,11 +54,12 @@ def main(argv=None) -> int:
     run = importlib.import_module(COMMANDS[args.command][0]).run
     try:
         return run(args)
-    except (UserError, ValueError, TypeError, OSError) as e:
-        if os.environ.get("JAX_NVFP4_TRACEBACK"):
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:
+        if not isinstance(e, _user_errors()) or os.environ.get("JAX_NVFP4_TRACEBACK"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

@@ -1,13 +1,17 @@
-"""convert SRC DST: the prepared checkpoint, its metadata, reloading it, the CLI, atomic writes."""
+"""convert SRC DST: the prepared checkpoint, its metadata, reloading it, the CLI, atomic writes,
+resuming after a failure, --overwrite, deterministic bytes (faults: test_convert_faults.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 from safetensors import safe_open
 
 import jax_nvfp4
@@ -126,10 +130,18 @@ def test_cli_convert_and_inspect(tmp_path, rng, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def _tree(path: Path) -> dict:
+    """file name -> sha256 of its bytes, for every file under ``path``."""
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_failure_midway_leaves_no_dst(tmp_path, rng, monkeypatch, error):
-    src, dst = tmp_path / "src", tmp_path / "dst"
+def test_failure_midway_keeps_partial_and_rerun_resumes(tmp_path, rng, monkeypatch, capsys,
+                                                       error):
+    src, dst, ref = tmp_path / "src", tmp_path / "dst", tmp_path / "ref"
     write_checkpoint(src, layers=3, experts=2, seed=_seed(rng))
+    _convert.convert(src, ref, progress=False)  # uninterrupted, for the bytes
     calls = []
 
     def failing(*args, **kwargs):
@@ -142,15 +154,81 @@ def test_failure_midway_leaves_no_dst(tmp_path, rng, monkeypatch, error):
     with pytest.raises(error):
         _convert.convert(src, dst, progress=False)
     assert len(calls) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no DST, no temporary
-    # ... and an existing DST survives a failed --overwrite untouched
+    # no DST, no lock; the partial directory is kept, its finished shards recorded
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dst.partial", "ref", "src"]
+    assert "run the same command again to resume" in capsys.readouterr().err
+    monkeypatch.setattr(_convert, "load_layer", _load.load_layer)
+    summary = _convert.convert(src, dst, progress=False, log=print)
+    assert summary["reused_shards"] == 2  # the shard of non-layer tensors and layer 0
+    assert "reusing model-00001-of-00004.safetensors" in capsys.readouterr().out
+    assert _tree(dst) == _tree(ref)  # resumed = uninterrupted, byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "ref", "src"]
+
+
+def test_failed_overwrite_leaves_the_old_conversion(tmp_path, rng, monkeypatch):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_checkpoint(src, layers=2, experts=2, seed=_seed(rng))
+    _convert.convert(src, dst, progress=False)
+    before = _tree(dst)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(_convert, "load_layer", failing)
+    with pytest.raises(RuntimeError):
+        _convert.convert(src, dst, overwrite=True, progress=False)
+    assert _tree(dst) == before
+
+
+def test_overwrite_replaces_only_a_conversion(tmp_path, rng):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_checkpoint(src, layers=1, experts=2, seed=_seed(rng))
     dst.mkdir()
     (dst / "keep").write_text("x")
-    calls.clear()
-    with pytest.raises(error):
-        _convert.convert(src, dst, overwrite=True, progress=False)
-    assert [p.name for p in dst.iterdir()] == ["keep"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+    (dst / PREPARED_JSON).write_text(json.dumps({"format": "something else"}))
+    for target in (dst, tmp_path / "file", tmp_path / "link"):
+        if target.name == "file":
+            target.write_text("x")
+        elif target.name == "link":
+            target.symlink_to(dst)
+        with pytest.raises(UserError, match="not written by .*convert.*remove it yourself"):
+            _convert.convert(src, target, overwrite=True, progress=False)
+    assert sorted(p.name for p in dst.iterdir()) == [PREPARED_JSON, "keep"]
+    assert (tmp_path / "file").read_text() == "x" and (tmp_path / "link").is_symlink()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    r = cli("convert", str(src), str(dst), "--overwrite")
+    assert r.returncode == 2 and "not written by" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_same_source_same_bytes(tmp_path, rng):
+    # safetensors writes metadata in hash order (a new order each process); convert sorts
+    # it, so two conversions (in two processes) give the same bytes.
+    src = tmp_path / "src"
+    write_checkpoint(src, layers=2, experts=2, seed=_seed(rng))
+    _convert.convert(src, tmp_path / "a", progress=False)
+    r = cli("convert", "--quiet", str(src), str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert a == b and len(a) > 4
+    with safe_open(str(tmp_path / "a" / "model-00002-of-00003.safetensors"), "numpy") as h:
+        assert list(h.keys()) == sorted(h.keys())
+
+
+def test_writer_matches_safetensors(tmp_path, rng):
+    # Our writer (streamed, hashed, sorted metadata) gives safetensors' own bytes: every
+    # dtype convert writes, scalars and empty tensors; one metadata key (no order to vary).
+    t = {"w": rng.integers(0, 256, (4, 6), dtype=np.uint8),
+         "s": rng.integers(0, 256, (4, 3), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn),
+         "b": rng.standard_normal((3, 2)).astype(ml_dtypes.bfloat16),
+         "f": rng.standard_normal(5).astype(np.float32), "x": np.array(1.5, np.float32),
+         "e": np.zeros((0, 3), np.float32), "i": rng.integers(-9, 9, 3, dtype=np.int64)}
+    for md in (None, {"k": "v \u00e9 \""}):
+        rec = _convert.write_safetensors(t, tmp_path / "x.safetensors", md)
+        data = (tmp_path / "x.safetensors").read_bytes()
+        assert data == safetensors.numpy.save(t, md)
+        assert rec == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with pytest.raises(TypeError, match="'c'.*complex"):
+        _convert.write_safetensors({"c": np.zeros(2, np.complex64)}, tmp_path / "y")
 
 
 def test_dst_inside_src_is_refused(tmp_path, rng):
