@@ -70,14 +70,17 @@ def _round_e4m3(v):
 def _e2m1_codes(y):
     """float32 -> e2m1 codes (uint8, 0..15): round to nearest even, saturated to +-6.
 
-    The sign bit is the input's (a negative value that rounds to zero is ``0x8``).
+    The sign bit is the input's (a negative value that rounds to zero is ``0x8``);
+    NaN gives +6 (``0x7``), as the device's ``cvt.rn.satfinite.e2m1x2.f32`` does.
     """
     a = jnp.abs(y)
     # Each threshold adds one code; at a midpoint the even code wins, so the
     # comparison is > below an even code's upper midpoint and >= below an odd one's.
     mag = ((a > 0.25).astype(jnp.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75)
-           + (a > 2.5) + (a >= 3.5) + (a > 5.0))
-    return mag.astype(jnp.uint8) | (jnp.signbit(y).astype(jnp.uint8) << 3)
+           + (a > 2.5) + (a >= 3.5) + (a > 5.0)).astype(jnp.uint8)
+    nan = jnp.isnan(y)
+    sign = (jnp.signbit(y) & ~nan).astype(jnp.uint8) << 3
+    return jnp.where(nan, jnp.uint8(7), mag) | sign
 
 
 def _check(x, global_scale):
@@ -123,8 +126,9 @@ def quantize_nvfp4(x, global_scale, *, fast_math: bool = True):
         One block scale per 16 values, row-major (the linear layout,
         ``is_sf_swizzled_layout=False``). ``x ~= e2m1(packed) * scales / global_scale``.
 
-    NaN inputs give unspecified bytes (the kernel's conversion decides); infinities
-    saturate to the largest code. Jittable; ``global_scale`` may be traced.
+    NaN inputs are ignored by the block maximum and quantize to +6 (code ``0x7``), as
+    on the device (flashinfer's CPU reference of the kernel says so); infinities
+    saturate to +-6. Jittable; ``global_scale`` may be traced.
     """
     _check(x, global_scale)
     if not isinstance(fast_math, bool):
