@@ -158,6 +158,8 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
     if dst.resolve() in src.resolve().parents:  # replacing DST would delete SRC
         raise UserError(f"the source {src} sits inside {dst}; choose another destination")
     _check_dst(dst, overwrite)
+    if not (up := next(d for d in (dst.parent, *dst.parent.parents) if d.exists())).is_dir():
+        raise ConvertError(f"cannot write {dst}: {up} is not a directory")
     start = time.perf_counter()
     with open_checkpoint(src) as ckpt:
         if ckpt.prepared:
@@ -223,9 +225,10 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                     written += rec["nbytes"]
             _write_json(tmp / INDEX, {"metadata": {"total_size": written},
                                       "weight_map": dict(sorted(weight_map.items()))}, where)
-            layers = {x.prefix: {"experts": x.spec.experts, "hidden": x.spec.hidden,
+            layers = {x.prefix: {"experts": x.spec.experts, "hidden": x.hidden,
                                  "intermediate": x.intermediate,
-                                 "padded_intermediate": x.spec.padded_i} for x in ckpt.moe}
+                                 "padded_hidden": x.padded_hidden,
+                                 "padded_intermediate": x.padded_intermediate} for x in ckpt.moe}
             _write_json(tmp / PREPARED_JSON,
                         {"format": FORMAT, "layout": LAYOUT, "jax_nvfp4_version": __version__,
                          "source": str(src.resolve()), "naming": ckpt.naming, "gated": True,

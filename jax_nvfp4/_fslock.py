@@ -58,6 +58,23 @@ def _alive(pid) -> bool:
     return True
 
 
+def _flock_works(directory: Path) -> bool:
+    """Whether the file system of ``directory`` supports ``flock`` (probed on the directory)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError as e:
+        if e.errno in _UNSUPPORTED:
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
 class FileLock:
     """``with FileLock(path) as lock:`` holds ``path`` exclusively or raises :class:`LockHeld`.
 
@@ -73,6 +90,8 @@ class FileLock:
 
     def acquire(self):
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        if not _flock_works(self.path.parent):
+            return self._acquire_excl(me)
         for _ in range(100):  # retried only when the file is replaced under us
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
@@ -80,11 +99,9 @@ class FileLock:
             except BlockingIOError:
                 os.close(fd)
                 raise LockHeld(self.path, self._holder()) from None
-            except OSError as e:
+            except BaseException:
                 os.close(fd)
-                if e.errno not in _UNSUPPORTED:
-                    raise
-                return self._acquire_excl(me)
+                raise
             # A releasing holder unlinks the file while it still holds it: if ours is
             # no longer the file at this path, lock the new one instead.
             try:
