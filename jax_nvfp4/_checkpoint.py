@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from ._scales import KERNEL_NAMES, kernel_scales
 from ._spec import BLOCK, NAMES, LayerSpec, check_arrays
 
 INDEX = "model.safetensors.index.json"
@@ -104,9 +105,11 @@ class _Shard:
 class MoELayer:
     """One MoE layer of a checkpoint: where its experts are and their sizes.
 
-    ``spec`` gives the stored shapes (for a prepared checkpoint, ``I`` already
-    padded); ``intermediate`` is the model's ``I``. ``naming`` is None for a
-    prepared layer, whose eight stacked tensors are ``{prefix}.{name}``.
+    ``spec`` gives the stored shapes (``spec.shapes(padded=False)``; for a prepared
+    checkpoint, ``H`` and ``I`` already padded); ``hidden`` and ``intermediate`` are the
+    model's valid ``H`` and ``I``. ``naming`` is None for a prepared layer, whose stacked
+    tensors are ``{prefix}.{name}``. ``kernel_stored``: a prepared layer holds the
+    kernel's scalars (converted checkpoints written before them do not).
     """
 
     prefix: str
@@ -114,10 +117,22 @@ class MoELayer:
     spec: LayerSpec
     intermediate: int
     naming: str | None
+    hidden: int
+    kernel_stored: bool = False
 
     @property
     def prepared(self) -> bool:
         return self.naming is None
+
+    @property
+    def padded_hidden(self) -> int:
+        """``H`` in the kernel's layout (stored, or as loading pads it)."""
+        return self.spec.hidden if self.prepared else self.spec.padded_h
+
+    @property
+    def padded_intermediate(self) -> int:
+        """``I`` in the kernel's layout (stored, or as loading pads it)."""
+        return self.spec.intermediate if self.prepared else self.spec.padded_i
 
     def expert(self, e: int, proj: str, field: str) -> str:
         """Source tensor name of expert ``e``; ``proj`` is "gate", "up" or "down"."""
@@ -142,6 +157,7 @@ class Checkpoint:
     def __init__(self, path: Path, weight_map: dict[str, str], index_file: Path):
         self.path, self.weight_map, self.index_file = path, weight_map, index_file
         self.shards: dict[str, _Shard] = {}
+        self._scales: dict[str, dict[str, np.ndarray]] = {}  # read once, by layer prefix
         for name, file in weight_map.items():
             if file not in self.shards:
                 self.shards[file] = _Shard(path / file)
@@ -157,7 +173,8 @@ class Checkpoint:
         self.moe: list[MoELayer] = (self._prepared_layers() if self.prepared
                                     else self._source_layers())
         if self.prepared:
-            taken = {f"{x.prefix}.{n}" for x in self.moe for n in NAMES + SCALE_NAMES}
+            taken = {f"{x.prefix}.{n}" for x in self.moe
+                     for n in NAMES + SCALE_NAMES + KERNEL_NAMES}
         else:
             taken = {n for n in weight_map if _EXPERT.match(n)}
         self.other = [n for n in weight_map if n not in taken]
@@ -187,14 +204,30 @@ class Checkpoint:
         return self.shards[self.weight_map[name]].read(name, index)
 
     def scales(self, layer: MoELayer) -> dict[str, np.ndarray]:
-        """The per-expert scalars of ``layer`` as float32 ``[E, 2]`` (gate, up) and ``[E]``."""
+        """The per-expert scalars of ``layer`` as float32 ``[E, 2]`` (gate, up) and ``[E]``.
+
+        Every value is checked positive and finite (a zero, negative, infinite or NaN
+        scale is a broken checkpoint: the error names the file and tensor). Read once.
+        """
+        if layer.prefix not in self._scales:
+            self._scales[layer.prefix] = self._read_scales(layer)
+        return self._scales[layer.prefix]
+
+    def _read_scales(self, layer: MoELayer) -> dict[str, np.ndarray]:
         if layer.prepared:
-            return {n: self.read(f"{layer.prefix}.{n}") for n in SCALE_NAMES}
+            out = {n: self.read(f"{layer.prefix}.{n}") for n in SCALE_NAMES}
+            for n, x in out.items():
+                self._check_values(f"{layer.prefix}.{n}", x)
+            return out
         e_ = range(layer.spec.experts)
 
         def get(proj, field):
-            return np.array([self.read(layer.expert(e, proj, field)).reshape(()) for e in e_],
-                            np.float32)
+            names = [layer.expert(e, proj, field) for e in e_]
+            out = np.array([self.read(n).reshape(()) for n in names], np.float32)
+            if not (np.isfinite(out) & (out > 0)).all():
+                bad = int(np.argmin(np.isfinite(out) & (out > 0)))
+                self._check_values(names[bad], out[bad])
+            return out
         return {
             "w13_weight_scale_2": np.stack([get("gate", "weight_scale_2"),
                                             get("up", "weight_scale_2")], axis=1),
@@ -203,6 +236,33 @@ class Checkpoint:
             "w2_weight_scale_2": get("down", "weight_scale_2"),
             "w2_input_scale": get("down", "input_scale"),
         }
+
+    def kernel_scales(self, layer: MoELayer, scales: dict) -> dict[str, np.ndarray]:
+        """The kernel's scalars of ``layer`` (see :func:`kernel_scales`), float32 numpy.
+
+        A prepared layer's stored ones (checked positive and finite); computed from
+        ``scales`` (as :meth:`scales` returns them) for the others and for prepared
+        checkpoints written before convert stored them.
+        """
+        if layer.kernel_stored:
+            out = {}
+            for n in KERNEL_NAMES:
+                x = self.read(f"{layer.prefix}.{n}")
+                out[n] = x.reshape(()) if n == "hidden_states_global_scale" else x
+                self._check_values(f"{layer.prefix}.{n}", out[n])
+            return out
+        with jax.default_device(jax.devices("cpu")[0]):  # a few floats: no device round trip
+            return {n: np.asarray(x) for n, x in kernel_scales(**scales).items()}
+
+    def _check_values(self, name: str, x):
+        x = np.asarray(x)
+        ok = np.isfinite(x) & (x > 0)
+        if not ok.all():
+            where = tuple(int(i) for i in np.argwhere(~ok)[0])
+            at = f" [{', '.join(map(str, where))}]" if where else ""
+            self._fail(name, f"value{at} {float(x[where])} is not a positive finite scale: the "
+                             "checkpoint is broken (weight_scale_2 and input_scale must be "
+                             "finite and > 0)")
 
     def groups(self, layers=None) -> list[tuple[int | None, list[MoELayer], list[str]]]:
         """``[(L, moe layers, other tensors)]`` per decoder layer ``L`` (None: outside layers).
@@ -263,7 +323,7 @@ class Checkpoint:
     def _source_layer(self, prefix: str, experts: set[int]) -> MoELayer:
         e_count = max(experts) + 1
         probe = MoELayer(prefix, layer_index(prefix + "."), LayerSpec(e_count, 0, 0, True), 0,
-                         self.naming)
+                         self.naming, hidden=0)
         for e in range(e_count):
             for proj in ("gate", "up", "down"):
                 for field in FIELDS:
@@ -277,9 +337,10 @@ class Checkpoint:
         if dtype != "U8" or len(shape) != 2:
             self._fail(first, f"expected U8 [I, H/2] (packed e2m1), got {dtype} {list(shape)}")
         i, h = shape[0], 2 * shape[1]
-        if h % 128:
-            self._fail(first, f"hidden size H = 2 x shape[1] = {h} must be a multiple of 128 "
-                              "(the kernel tiles H by 128)")
+        if h % BLOCK:
+            self._fail(first, f"hidden size H = 2 x shape[1] = {h} must be a multiple of "
+                              f"{BLOCK} (one scale per {BLOCK} values; loading pads it to the "
+                              "kernel's alignment)")
         if i % BLOCK:
             self._fail(first, f"intermediate size I = shape[0] = {i} must be a multiple of "
                               f"{BLOCK} (one scale per {BLOCK} values)")
@@ -291,25 +352,57 @@ class Checkpoint:
                 for field in FIELDS:
                     shape = want.get(("down" if proj == "down" else "gate", field), ())
                     self._expect(probe.expert(e, proj, field), _DT.get(field, "F32"), shape, how)
-        layer = dataclasses.replace(probe, spec=LayerSpec(e_count, h, i, True), intermediate=i)
+        layer = dataclasses.replace(probe, spec=LayerSpec(e_count, h, i, True), intermediate=i,
+                                    hidden=h)
         _check_spec(layer, self.path)
         return layer
 
     def _prepared_layers(self) -> list[MoELayer]:
         out = []
-        for prefix, d in self.prepared_info.get("moe_layers", {}).items():
-            spec = LayerSpec(d["experts"], d["hidden"], d["padded_intermediate"], True)
-            layer = MoELayer(prefix, layer_index(prefix + "."), spec, d["intermediate"], None)
-            e = spec.experts
+        layers = self.prepared_info.get("moe_layers", {})
+        if not isinstance(layers, dict):
+            raise CheckpointError(f"{self.path / PREPARED_JSON}: 'moe_layers' is not a mapping")
+        for prefix, d in layers.items():
+            e, h, i, hp, ip = self._sizes(prefix, d)
+            # the stored sizes, padded H and I: spec.shapes(padded=False) are the stored shapes
+            spec = LayerSpec(e, hp, ip, True)
+            present = [f"{prefix}.{n}" in self.weight_map for n in KERNEL_NAMES]
+            if any(present) and not all(present):  # none: converted before they were stored
+                self._need(f"{prefix}.{KERNEL_NAMES[present.index(False)]}")
+            layer = MoELayer(prefix, layer_index(prefix + "."), spec, i, None, hidden=h,
+                             kernel_stored=all(present))
             for name, shape in zip(NAMES, spec.shapes(padded=False)):
                 self._need(f"{prefix}.{name}")
                 self._expect(f"{prefix}.{name}", _DT[name], shape)
             for name in SCALE_NAMES:
                 self._need(f"{prefix}.{name}")
                 self._expect(f"{prefix}.{name}", "F32", (e, 2) if name.startswith("w13") else (e,))
+            if layer.kernel_stored:
+                for name in KERNEL_NAMES:
+                    self._expect(f"{prefix}.{name}", "F32",
+                                 () if name == "hidden_states_global_scale" else (e,))
             _check_spec(layer, self.path)
             out.append(layer)
         return out
+
+    def _sizes(self, prefix: str, d) -> tuple[int, int, int, int, int]:
+        """``(E, H, I, padded H, padded I)`` of a prepared layer from jax_nvfp4.json."""
+        where = f"{self.path / PREPARED_JSON}: moe_layers[{prefix!r}]"
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: expected a mapping, got {d!r}")
+        # "padded_hidden" is absent from checkpoints converted before H was padded
+        d = {"padded_hidden": d.get("hidden"), **d}
+        keys = ("experts", "hidden", "intermediate", "padded_hidden", "padded_intermediate")
+        for k in keys:
+            v = d.get(k)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise CheckpointError(f"{where}: {k!r} must be a positive int, got {v!r}")
+        e, h, i, hp, ip = (d[k] for k in keys)
+        if hp < h or ip < i:
+            raise CheckpointError(
+                f"{where}: padded sizes (H={hp}, I={ip}) smaller than the valid ones "
+                f"(H={h}, I={i})")
+        return e, h, i, hp, ip
 
     def _need(self, name):
         if name not in self.weight_map:

@@ -1,8 +1,15 @@
-"""``python -m jax_nvfp4 inspect PATH``: what a checkpoint holds (headers only, no tensor data)."""
+"""``python -m jax_nvfp4 inspect PATH``: what a checkpoint holds.
+
+Headers only, plus each MoE layer's per-expert scalars (a few bytes an expert), to
+show the activation maxima ``a1``, ``a2`` the kernel's scalars are built from and
+whether gate and up ``weight_scale_2`` differ (see :func:`jax_nvfp4.kernel_scales`).
+"""
 
 from __future__ import annotations
 
-from ._checkpoint import _ranges, open_checkpoint
+import numpy as np
+
+from ._checkpoint import CheckpointError, _ranges, open_checkpoint
 
 
 def configure(p):
@@ -29,16 +36,37 @@ def describe(path) -> str:
         ]
         shapes: dict = {}
         for layer in ckpt.moe:
-            s = layer.spec
-            key = (s.experts, s.hidden, layer.intermediate, s.padded_i)
+            key = (layer.spec.experts, layer.hidden, layer.padded_hidden, layer.intermediate,
+                   layer.padded_intermediate)
             shapes.setdefault(key, []).append(layer.layer)
-        for (e, h, i, ip), idx in shapes.items():
-            pad = f" (padded to {ip})" if ip != i else ""
+        for (e, h, hp, i, ip), idx in shapes.items():
+            hpad = f" (padded to {hp})" if hp != h else ""
+            ipad = f" (padded to {ip})" if ip != i else ""
             where = _ranges(sorted(x for x in idx if x is not None))
-            lines.append(f"    layers {where}: experts E={e}, hidden H={h}, "
-                         f"intermediate I={i}{pad}")
+            lines.append(f"    layers {where}: experts E={e}, hidden H={h}{hpad}, "
+                         f"intermediate I={i}{ipad}")
+        if ckpt.moe:
+            lines.append("  scales (a1, a2: max w13 / w2 input_scale over the experts):")
+        for layer in ckpt.moe:
+            lines.append(f"    {layer.prefix}: {_scales(ckpt, layer)}")
         lines.append(f"  other tensors: {len(ckpt.other)}")
     return "\n".join(lines)
+
+
+def _scales(ckpt, layer) -> str:
+    try:
+        s = ckpt.scales(layer)
+    except CheckpointError as e:
+        return f"broken: {e}"
+    ws2 = s["w13_weight_scale_2"]
+    differ = int((ws2[:, 0] != ws2[:, 1]).sum())
+    gate_up = (f"gate/up weight_scale_2 differ in {differ} of {len(ws2)} experts" if differ
+               else "gate/up weight_scale_2 equal")
+    out = (f"a1={np.max(s['w13_input_scale']):.6g}, a2={np.max(s['w2_input_scale']):.6g}, "
+           f"{gate_up}")
+    if layer.prepared and not layer.kernel_stored:
+        out += " (kernel scalars not stored: computed on load)"
+    return out
 
 
 def run(args) -> int:

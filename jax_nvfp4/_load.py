@@ -18,6 +18,7 @@ from jax import lax
 
 from . import _marks
 from ._checkpoint import SCALE_NAMES, Checkpoint, MoELayer, open_checkpoint
+from ._scales import KERNEL_NAMES
 from ._prepare import prepare_layer
 from ._spec import NAMES, SCALE_DTYPE
 from ._tree import PreparedLayer
@@ -62,12 +63,18 @@ def _replicated(sharding):
 
 def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=None,
                progress=None) -> dict:
-    """One MoE layer of ``ckpt`` as a mapping of its eight arrays, on device.
+    """One MoE layer of ``ckpt`` as a mapping of its twelve arrays, on device.
 
-    ``prepare`` runs :func:`prepare_layer` on the filled buffers (in place). A layer
-    of a prepared checkpoint comes back as a :class:`PreparedLayer` with its arrays
-    marked. ``progress(nbytes)`` is called after each tensor read.
+    The four weight arrays, the four checkpoint scalars and the four kernel scalars
+    (:func:`kernel_scales`). ``prepare`` runs :func:`prepare_layer` on the filled
+    buffers (in place). A layer of a prepared checkpoint comes back as a
+    :class:`PreparedLayer` with its arrays marked; prepared layers record the model's
+    valid ``hidden_size`` and ``intermediate_size``. ``progress(nbytes)`` is called
+    after each tensor read. The scalars are read (and checked) first, so a broken
+    scale fails before the layer's weights are read.
     """
+    host_scales = ckpt.scales(layer)
+    host_kernel = ckpt.kernel_scales(layer, host_scales)
     shapes = layer.spec.shapes(padded=False)
     targets = _targets(sharding, shapes)
     bufs = {t: [jnp.zeros((t[2] - t[1], *s[1:]), dt, device=t[0]) for s, dt in
@@ -88,15 +95,19 @@ def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=Non
         arrays = [jax.make_array_from_single_device_arrays(
             s, sharding, [bufs[t][k] for t in targets]) for k, s in enumerate(shapes)]
     del bufs
-    scales = {n: jax.device_put(x, sharding) for n, x in ckpt.scales(layer).items()}
+    sizes = {"hidden_size": layer.hidden, "intermediate_size": layer.intermediate}
     if layer.prepared:
         _marks.mark(*arrays)
-        out = PreparedLayer(zip(NAMES, arrays))
+        out = PreparedLayer(zip(NAMES, arrays), **sizes)
     elif prepare:
-        out = PreparedLayer(zip(NAMES, prepare_layer(*arrays, gated=True)))
+        out = PreparedLayer(zip(NAMES, prepare_layer(
+            *arrays, gated=True, hidden_alignment=layer.spec.hidden_alignment)), **sizes)
     else:
         out = dict(zip(NAMES, arrays))
-    out.update((n, scales[n]) for n in SCALE_NAMES)
+    out.update((n, jax.device_put(host_scales[n], sharding)) for n in SCALE_NAMES)
+    # [E] along the experts like the other scalars; the [] global scale replicated
+    out.update((n, jax.device_put(host_kernel[n], sharding if host_kernel[n].ndim
+                                  else _replicated(sharding))) for n in KERNEL_NAMES)
     return out
 
 
@@ -152,17 +163,23 @@ def load(path, *, prepare: bool = True, sharding=None, layers=None) -> dict:
         ``w2_weight``, ``w2_weight_scale`` (shapes and layout as in
         :func:`prepare_layer`), float32 ``w13_weight_scale_2`` and ``w13_input_scale``
         ``[E, 2]`` (columns gate, up) and ``w2_weight_scale_2``, ``w2_input_scale``
-        ``[E]``; it is a :class:`PreparedLayer` when prepared. Other tensors are
-        passed through unchanged as JAX arrays.
+        ``[E]``, and the kernel's float32 scalars ``output1_scale_scalar``,
+        ``output1_scale_gate_scalar``, ``output2_scale_scalar`` ``[E]`` and
+        ``hidden_states_global_scale`` ``[]`` (see :func:`kernel_scales`: prepared or
+        not, the same values). It is a :class:`PreparedLayer` when prepared, with the
+        model's valid ``.hidden_size`` and ``.intermediate_size`` (the arrays are padded
+        to the kernel's sizes). Other tensors are passed through unchanged as JAX arrays.
 
     Raises
     ------
     ValueError
         The checkpoint is invalid (the message names the file and tensor: missing
         or truncated shard, missing expert tensor, inconsistent shapes, not NVFP4,
-        ``H % 128 != 0``); a prepared checkpoint with ``prepare=True``; a sharding
+        ``H % 16 != 0``); a prepared checkpoint with ``prepare=True``; a sharding
         that splits more than the expert axis. Everything is checked before
-        anything is loaded.
+        anything is loaded, except the values of the per-expert scales (zero,
+        negative, infinite or NaN: a broken checkpoint), checked as each layer's
+        scalars are read, before its weights.
     """
     if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
         raise TypeError(f"sharding must be a jax.sharding.Sharding, got {type(sharding).__name__}")
@@ -182,6 +199,7 @@ def load(path, *, prepare: bool = True, sharding=None, layers=None) -> dict:
         for _, moe, _ in groups:
             for layer in moe:
                 _targets(sharding, layer.spec.shapes(padded=False))
+                ckpt.scales(layer)  # read and check every layer's scalars first (small)
         others = _replicated(sharding)
         flat = {}
         for _, moe, names in groups:

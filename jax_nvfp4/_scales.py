@@ -41,7 +41,8 @@ def _check(arrays: dict, gated: bool) -> None:
         if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted():
             raise ValueError(f"kernel_scales: {name} has been deleted (donated earlier)")
         if np.dtype(x.dtype) != _F32:
-            raise TypeError(f"kernel_scales: {name}: expected float32, got {np.dtype(x.dtype).name}")
+            raise TypeError(
+                f"kernel_scales: {name}: expected float32, got {np.dtype(x.dtype).name}")
     s13 = arrays["w13_weight_scale_2"]
     cols = ", columns gate, up" if gated else ""
     if tuple(s13.shape) not in _w13_shapes(s13.shape[0] if s13.shape else 0, gated) \

@@ -41,10 +41,22 @@ def random_device_layer(key, experts: int, hidden: int, intermediate: int, *,
     return out
 
 
+def random_block_scales(rng: np.random.Generator, shape) -> np.ndarray:
+    """Realistic float8_e4m3fn block scales: positive, finite (no NaN), as ModelOpt makes them.
+
+    ModelOpt's block scale is ``448 * amax(block) / amax(tensor)`` rounded to e4m3; the
+    ratio is drawn uniformly in ``[1/64, 1]``, so values lie in ``[7, 448]``.
+    """
+    import ml_dtypes
+
+    return (rng.uniform(1 / 64, 1, size=shape) * 448).astype(ml_dtypes.float8_e4m3fn)
+
+
 def write_checkpoint(path, *, naming: str = "qwen3", layers: int = 2, experts: int = 4,
                      hidden: int = 256, intermediate: int = 64, shards: int = 3,
-                     seed: int | None = None, quant_algo: str = "NVFP4") -> dict[str, np.ndarray]:
-    """Write a small synthetic ModelOpt NVFP4 MoE checkpoint (random bytes, never all zeros).
+                     seed: int | None = None, quant_algo: str = "NVFP4",
+                     split_gate_up: bool = False) -> dict[str, np.ndarray]:
+    """Write a small synthetic ModelOpt NVFP4 MoE checkpoint (random values, never all zeros).
 
     The directory ``path`` gets ``config.json`` (``quantization_config``: quant_method
     "modelopt", ``quant_algo``, group_size 16), ``hf_quant_config.json``,
@@ -57,6 +69,14 @@ def write_checkpoint(path, *, naming: str = "qwen3", layers: int = 2, experts: i
     shards in turn, so one expert's tensors sit in different shards. Non-MoE tensors
     (embeddings, attention, norms, router; with ``"qwen3"`` an NVFP4 shared expert) are
     included. Sizes are not validated, so bad checkpoints can be made too.
+
+    Values are realistic, so a forward on them is finite: weights are random bytes (every
+    e2m1 code is finite), block scales come from :func:`random_block_scales`,
+    ``weight_scale_2`` is drawn in ``[1e-4, 1e-2]`` and ``input_scale`` in
+    ``[1e-3, 1e-1]``, per expert and projection. As ModelOpt exports MoE experts, an
+    expert's gate and up projections share their ``weight_scale_2`` and ``input_scale``
+    (they see the same input); with ``split_gate_up=True`` their ``weight_scale_2``
+    differ (in every expert), as in checkpoints quantized without that synchronisation.
 
     Returns every tensor written, by name (float8 as ``ml_dtypes.float8_e4m3fn``).
     """
@@ -72,7 +92,6 @@ def write_checkpoint(path, *, naming: str = "qwen3", layers: int = 2, experts: i
         raise ValueError(f"naming must be one of {sorted(NAMINGS)}, got {naming!r}")
     rng = np.random.default_rng(seed)
     h, i, vocab = hidden, intermediate, 64
-    f8 = ml_dtypes.float8_e4m3fn
 
     def u8(*shape):
         return rng.integers(0, 256, size=shape, dtype=np.uint8)
@@ -80,11 +99,26 @@ def write_checkpoint(path, *, naming: str = "qwen3", layers: int = 2, experts: i
     def bf16(*shape):
         return rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
 
-    def nvfp4(prefix, rows, cols):
+    def scalar(low, high):
+        return rng.uniform(low, high, ()).astype(np.float32)
+
+    def nvfp4(prefix, rows, cols, *, weight_scale_2=None, input_scale=None):
         return {f"{prefix}.weight": u8(rows, cols // 2),
-                f"{prefix}.weight_scale": u8(rows, cols // 16).view(f8),
-                f"{prefix}.weight_scale_2": rng.uniform(1e-4, 1e-2, ()).astype(np.float32),
-                f"{prefix}.input_scale": rng.uniform(1e-3, 1e-1, ()).astype(np.float32)}
+                f"{prefix}.weight_scale": random_block_scales(rng, (rows, cols // 16)),
+                f"{prefix}.weight_scale_2": (scalar(1e-4, 1e-2) if weight_scale_2 is None
+                                             else weight_scale_2),
+                f"{prefix}.input_scale": scalar(1e-3, 1e-1) if input_scale is None else input_scale}
+
+    def gate_up(prefix, proj_gate, proj_up, rows, cols):
+        g = nvfp4(f"{prefix}.{proj_gate}", rows, cols)
+        ws2 = g[f"{prefix}.{proj_gate}.weight_scale_2"]
+        if split_gate_up:
+            while (other := scalar(1e-4, 1e-2)) == ws2:
+                pass
+            ws2 = other
+        u = nvfp4(f"{prefix}.{proj_up}", rows, cols, weight_scale_2=ws2.copy(),
+                  input_scale=g[f"{prefix}.{proj_gate}.input_scale"].copy())
+        return {**g, **u}
 
     gate, up, down = NAMINGS[naming]
     moe = "mlp" if naming == "qwen3" else "block_sparse_moe"
@@ -97,12 +131,11 @@ def write_checkpoint(path, *, naming: str = "qwen3", layers: int = 2, experts: i
         tensors[f"{p}.{moe}.gate.weight"] = bf16(experts, h)  # the router
         for e in range(experts):
             x = f"{p}.{moe}.experts.{e}"
-            tensors.update(nvfp4(f"{x}.{gate}", i, h))
-            tensors.update(nvfp4(f"{x}.{up}", i, h))
+            tensors.update(gate_up(x, gate, up, i, h))
             tensors.update(nvfp4(f"{x}.{down}", h, i))
         if naming == "qwen3":
-            for proj, rows, cols in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
-                tensors.update(nvfp4(f"{p}.mlp.shared_expert.{proj}", rows, cols))
+            tensors.update(gate_up(f"{p}.mlp.shared_expert", "gate_proj", "up_proj", i, h))
+            tensors.update(nvfp4(f"{p}.mlp.shared_expert.down_proj", h, i))
             tensors[f"{p}.mlp.shared_expert_gate.weight"] = bf16(1, h)
     tensors["model.norm.weight"] = bf16(h)
     tensors["lm_head.weight"] = bf16(vocab, h)

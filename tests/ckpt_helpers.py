@@ -51,6 +51,31 @@ def scalars(tensors: dict, naming: str, layer: int, experts: int) -> dict[str, n
             "w2_input_scale": col(down, "input_scale")}
 
 
+KERNEL = ("output1_scale_scalar", "output1_scale_gate_scalar", "output2_scale_scalar",
+          "hidden_states_global_scale")
+
+
+def kernel_reference(tensors: dict, naming: str, layer: int, experts: int) -> dict:
+    """The kernel's scalars from the checkpoint tensors, in numpy float32 (one rounding per
+    operation, in vLLM's order), gate and up apart; written apart from jax_nvfp4._scales."""
+    s = scalars(tensors, naming, layer, experts)
+    f32 = np.float32
+    a1, a2 = f32(s["w13_input_scale"].max()), f32(s["w2_input_scale"].max())
+    gate, up = s["w13_weight_scale_2"][:, 0], s["w13_weight_scale_2"][:, 1]
+    return {"output1_scale_scalar": (a1 * up) * (f32(1) / a2),
+            "output1_scale_gate_scalar": a1 * gate,
+            "output2_scale_scalar": a2 * s["w2_weight_scale_2"],
+            "hidden_states_global_scale": np.asarray(f32(1) / a1)}
+
+
+def assert_kernel_scalars(moe, want: dict):
+    """``moe``'s four kernel scalars: float32 jax arrays, shapes and bits as ``want``."""
+    for name in KERNEL:
+        x, w = moe[name], np.asarray(want[name], np.float32)
+        assert x.dtype == np.float32 and x.shape == w.shape, (name, x.dtype, x.shape)
+        assert np.asarray(x).tobytes() == w.tobytes(), (name, np.asarray(x), w)
+
+
 def shard_of(path: Path, name: str) -> Path:
     return Path(path) / json.loads((Path(path) / INDEX).read_text())["weight_map"][name]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _cli
+from jax_nvfp4 import _cli, _load
 from jax_nvfp4._checkpoint import INDEX
 from jax_nvfp4.testing import write_checkpoint
 from ckpt_helpers import cli, rewrite, shard_of
@@ -41,6 +41,14 @@ def _corrupt(case, path, tensors):
         name = f"{P}.1.gate_proj.weight_scale"
         rewrite(path, tensors, {name: tensors[name].view(np.uint8)})
         return [str(shard_of(path, name)), name, "expected dtype F8_E4M3, got U8"]
+    if case == "zero input scale":
+        name = f"{P}.3.up_proj.input_scale"
+        rewrite(path, tensors, {name: np.array(0, np.float32)})
+        return [str(shard_of(path, name)), name, "0.0 is not a positive finite scale", "broken"]
+    if case == "NaN weight_scale_2":
+        name = f"{P}.0.down_proj.weight_scale_2"
+        rewrite(path, tensors, {name: np.array(np.nan, np.float32)})
+        return [str(shard_of(path, name)), name, "nan is not a positive finite scale"]
     if case == "unsupported quant_algo":
         config = json.loads((path / "config.json").read_text())
         config["quantization_config"]["quant_algo"] = "FP8"
@@ -70,13 +78,35 @@ def test_bad_checkpoint(tmp_path, rng, capsys, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_hidden_not_a_multiple_of_128(tmp_path, rng):
-    write_checkpoint(tmp_path, layers=1, experts=2, hidden=192, seed=int(rng.integers(2**31)))
+@pytest.mark.parametrize("case", ["zero input scale", "NaN weight_scale_2"])
+def test_broken_scale_values(tmp_path, rng, capsys, case):
+    # Values are read as the layers' scalars are, not with the headers: load checks every
+    # layer's before loading any; convert fails on the layer, keeping its partial output.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tensors = write_checkpoint(src, layers=2, experts=4, seed=int(rng.integers(2**31)))
+    patterns = _corrupt(case, src, tensors)
+    calls = []
+    real = _load.load_layer
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_load, "load_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with pytest.raises(ValueError) as info:
+            jax_nvfp4.load(src)
+    assert calls == []  # refused before any layer was loaded
+    for pat in patterns:
+        assert pat in str(info.value) or re.search(pat, str(info.value)), (pat, info.value)
+    assert _cli.main(["convert", "--quiet", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert str(info.value) in err and "Traceback" not in err and not dst.exists()
+
+
+def test_hidden_not_a_multiple_of_16(tmp_path, rng):
+    # (H % 128 is padded on load: tests/test_checkpoint_load.py::test_padded_hidden)
+    write_checkpoint(tmp_path, layers=1, experts=2, hidden=200, seed=int(rng.integers(2**31)))
     name = "model.layers.0.mlp.experts.0.gate_proj.weight"
     r = cli("convert", str(tmp_path), str(tmp_path.parent / "out"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert str(shard_of(tmp_path, name)) in r.stderr and name in r.stderr
-    assert "hidden size H = 2 x shape[1] = 192 must be a multiple of 128" in r.stderr
+    assert "hidden size H = 2 x shape[1] = 200 must be a multiple of 16" in r.stderr
     assert not (tmp_path.parent / "out").exists()
 
 
