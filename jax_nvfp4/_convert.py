@@ -55,6 +55,7 @@ MANIFEST = ".jax_nvfp4-convert.json"  # in the partial directory; removed before
 # shard K), "kill@final" (all written, before the rename), "slow:S" (sleep S seconds
 # halfway through writing each shard).
 _FAULT = "JAX_NVFP4_CONVERT_FAULT"
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _CHUNK = 64 << 20
 
 
@@ -82,6 +83,11 @@ def lock_file(dst) -> Path:
     return dst.parent / f".{dst.name}.lock"
 
 
+def _old_dir(dst: Path) -> Path:
+    """Where ``--overwrite`` moves the previous DST just before the rename."""
+    return dst.parent / f".{dst.name}.old"
+
+
 def _check_dst(dst: Path, overwrite: bool):
     if not (dst.exists() or dst.is_symlink()):
         return
@@ -105,7 +111,7 @@ def _replace(tmp: Path, dst: Path):
     if not (dst.exists() or dst.is_symlink()):
         os.rename(tmp, dst)
         return
-    old = dst.parent / f".{dst.name}.old"
+    old = _old_dir(dst)
     if old.exists():
         shutil.rmtree(old)
     os.rename(dst, old)
@@ -184,12 +190,11 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                 f"(lock {e.path}); wait for it to finish or stop it") from None
         except OSError as e:
             raise ConvertError(_io_message(e, where)) from None
-        manifest = None
+        manifest, reads = None, [0]
         try:
             _check_dst(dst, overwrite)  # again, now that no other conversion can write it
-            manifest, done = _resume(tmp, key, lock.previous, log, where)
+            manifest, done = _resume(tmp, dst, key, lock.previous, log, where)
             weight_map, written = {}, 0
-            reads = [0]
 
             def tick(n):
                 reads[0] += n
@@ -241,11 +246,16 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
             _fault("final")
             where("finishing", tmp)
             _check_dst(dst, overwrite)
-            (tmp / MANIFEST).unlink()
-            _fsync(tmp)
-            where("renaming", f"{tmp} to {dst}")
-            _replace(tmp, dst)
-            _fsync(dst.parent)
+            # The commit: no SIGTERM/SIGINT between dropping the manifest and the rename.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+            try:
+                (tmp / MANIFEST).unlink()
+                _fsync(tmp)
+                where("renaming", f"{tmp} to {dst}")
+                _replace(tmp, dst)
+                _fsync(dst.parent)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         except (OSError, SafetensorError) as e:
             raise ConvertError(_io_message(e, where) + _kept(tmp, manifest, len(files))) from e
         except BaseException:
@@ -257,7 +267,7 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
     stats = jax.devices()[0].memory_stats() or {}
     return {"src": src, "dst": dst, "naming": ckpt.naming, "moe_layers": len(ckpt.moe),
             "experts": sum(x.spec.experts for x in ckpt.moe), "shards": len(groups),
-            "reused_shards": len(done), "bytes_read": total, "bytes_written": written,
+            "reused_shards": len(done), "bytes_read": reads[0], "bytes_written": written,
             "seconds": time.perf_counter() - start,
             "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_device_bytes": stats.get("peak_bytes_in_use")}
@@ -277,7 +287,11 @@ def _kept(tmp: Path, manifest, n: int) -> str:
     if manifest is None or not tmp.exists():
         return ""
     k = len(manifest["shards"])
-    return (f"; the partial output {tmp} is kept ({k} of {n} shards done and verified): "
+    try:
+        size = f", {_mib(sum(f.stat().st_size for f in tmp.iterdir()))}"
+    except OSError:
+        size = ""
+    return (f"; the partial output {tmp} is kept ({k} of {n} shards done and verified{size}): "
             "run the same command again to resume, or remove it")
 
 
@@ -290,10 +304,15 @@ def _fingerprint(src: Path, metadata: dict, plan: list) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _resume(tmp: Path, key: str, previous: dict, log, where) -> tuple[dict, dict]:
+def _resume(tmp: Path, dst: Path, key: str, previous: dict, log, where) -> tuple[dict, dict]:
     """The manifest to continue, and its shards that verify; anything else in ``tmp`` goes."""
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     fresh = {"key": key, "run": me, "shards": {}}
+    old_dst = _old_dir(dst)
+    if old_dst.exists():  # a replaced conversion a killed --overwrite had moved aside
+        log(f"removing {old_dst}, left by an interrupted --overwrite")
+        where("removing", old_dst)
+        shutil.rmtree(old_dst)
     where("reading", tmp / MANIFEST)
     if tmp.is_symlink() or tmp.is_file():
         tmp.unlink()
@@ -421,19 +440,23 @@ def _write_shard(tensors: dict, path: Path, metadata, k, where) -> dict:
     part = path.with_name(path.name + ".incomplete")
     h, size = hashlib.sha256(header), len(header)
     where("writing", part)
-    with open(part, "wb") as f:
-        f.write(header)
-        for i, n in enumerate(order):
-            data = tensors[n].reshape(-1).view(np.uint8)
-            for s in range(0, data.size, _CHUNK):
-                block = data[s:s + _CHUNK].data
-                f.write(block)
-                h.update(block)
-            size += data.size
-            if i == len(order) // 2 and k is not None:
-                _fault("write", k)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(part, "wb") as f:
+            f.write(header)
+            for i, n in enumerate(order):
+                data = tensors[n].reshape(-1).view(np.uint8)
+                for s in range(0, data.size, _CHUNK):
+                    block = data[s:s + _CHUNK].data
+                    f.write(block)
+                    h.update(block)
+                size += data.size
+                if i == len(order) // 2 and k is not None:
+                    _fault("write", k)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        part.unlink(missing_ok=True)  # half a shard is of no use; free its space (disk full)
+        raise
     os.chmod(part, 0o666 & ~_umask())  # like the copied files
     where("renaming", f"{part} to {path}")
     os.replace(part, path)

@@ -111,9 +111,13 @@ class FileLock:
             if not same:
                 os.close(fd)
                 continue
-            self.previous = _read(self.path)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
+            try:
+                self.previous = _read(self.path)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode(), 0)
+            except BaseException:  # e.g. a full disk: do not keep the lock
+                os.close(fd)
+                raise
             self.fd = fd
             return self
         raise LockHeld(self.path, self._holder())

@@ -112,6 +112,27 @@ def test_sigkill_then_rerun_resumes(ckpt, tmp_path, capsys, fault, recorded, inc
     _settle(ckpt, dst, capsys, reused=recorded)
 
 
+def test_sigkill_during_overwrite_keeps_the_old_conversion(ckpt, tmp_path, capsys):
+    other, dst = tmp_path / "other", tmp_path / "dst"
+    write_checkpoint(other, layers=1, experts=2, seed=3)
+    _convert.convert(other, dst, progress=False)
+    old = _tree(dst)
+    p = subprocess.Popen([sys.executable, "-m", "jax_nvfp4", "convert", "--quiet", "--overwrite",
+                          str(ckpt[0]), str(dst)], stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "JAX_NVFP4_CONVERT_FAULT": "kill@final"})
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == -signal.SIGKILL, err
+    assert _tree(dst) == old  # replaced only by the final rename
+    # killed between the two renames of the replacement: DST gone, the old one aside
+    os.rename(dst, tmp_path / ".dst.old")
+    (_convert.partial_dir(dst) / _convert.MANIFEST).unlink()
+    _convert.convert(ckpt[0], dst, overwrite=True, progress=False, log=print)
+    out = capsys.readouterr().out
+    assert "left by an interrupted --overwrite" in out and "no readable manifest" in out, out
+    assert _tree(dst) == ckpt[2] and _tree(ckpt[0]) == ckpt[1]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_sigterm_exits_cleanly_and_keeps_partial(ckpt, tmp_path, capsys):
     dst = tmp_path / "dst"
     p = _spawn(ckpt[0], dst, "term@shard:1")
@@ -223,8 +244,9 @@ def test_injected_io_errors_are_exit_2_and_resume(ckpt, tmp_path, monkeypatch, c
     named = (f"{partial}/model-{k:05d}-of-00004.safetensors.incomplete" if point == "write"
              else f"{partial}/{_convert.MANIFEST}")
     assert error.strerror in err and named in err and "Traceback" not in err, err
-    assert f"({k - (point == 'write')} of 4 shards done and verified)" in err
+    assert f"({k - (point == 'write')} of 4 shards done and verified, " in err
     assert not dst.exists()
+    assert not list(partial.glob("*.incomplete"))  # half a shard is removed at once
     monkeypatch.undo()
     _settle(ckpt, dst, capsys, reused=k - (point == "write"))
 
