@@ -26,6 +26,7 @@ Guarantees (see README, "Checkpoints"):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,7 +56,8 @@ MANIFEST = ".jax_nvfp4-convert.json"  # in the partial directory; removed before
 # shard K), "kill@final" (all written, before the rename), "slow:S" (sleep S seconds
 # halfway through writing each shard).
 _FAULT = "JAX_NVFP4_CONVERT_FAULT"
-_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # handled by run()
+_deferred: list | None = None  # while committing: the signals that came, raised after
 _CHUNK = 64 << 20
 
 
@@ -246,16 +248,13 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
             _fault("final")
             where("finishing", tmp)
             _check_dst(dst, overwrite)
-            # The commit: no SIGTERM/SIGINT between dropping the manifest and the rename.
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-            try:
+            with _deferred_signals():  # the commit: dropping the manifest, the rename
                 (tmp / MANIFEST).unlink()
+                _fault("commit")
                 _fsync(tmp)
                 where("renaming", f"{tmp} to {dst}")
                 _replace(tmp, dst)
                 _fsync(dst.parent)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         except (OSError, SafetensorError) as e:
             raise ConvertError(_io_message(e, where) + _kept(tmp, manifest, len(files))) from e
         except BaseException:
@@ -489,12 +488,29 @@ def _mib(n) -> str:
 
 
 def _on_signal(signum, frame):
+    if _deferred is not None:
+        _deferred.append(signum)
+        return
     raise Interrupted(signum)
 
 
+@contextlib.contextmanager
+def _deferred_signals():
+    """Signals handled by ``_on_signal`` wait until the block is done (then raise)."""
+    global _deferred
+    _deferred = []
+    try:
+        yield
+    finally:
+        came, _deferred = _deferred, None
+    if came:
+        raise Interrupted(came[0])
+
+
 def run(args) -> int:
-    # SIGTERM (and SIGHUP) end the run like Ctrl-C: the lock released, the partial kept.
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGTERM and SIGHUP end the run like Ctrl-C: the lock released, the partial kept;
+    # none of them can cut the final rename in two (see _deferred_signals).
+    old = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
     try:
         s = convert(args.src, args.dst, overwrite=args.overwrite, progress=not args.quiet)
     finally:

@@ -149,6 +149,26 @@ def test_sigterm_exits_cleanly_and_keeps_partial(ckpt, tmp_path, capsys):
     _settle(ckpt, dst)
 
 
+def test_signal_during_the_final_rename_waits_for_it(ckpt, tmp_path, monkeypatch):
+    # SIGTERM just after the manifest is dropped: the rename still happens, then the run
+    # ends as interrupted with a complete DST (not a partial without a manifest).
+    def fault(p, n=None):
+        if p == "commit":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # where the handler would raise
+
+    monkeypatch.setattr(_convert, "_fault", fault)
+    old = signal.signal(signal.SIGTERM, _convert._on_signal)
+    try:
+        dst = tmp_path / "dst"
+        with pytest.raises(_cli.Interrupted):
+            _convert.convert(ckpt[0], dst, progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert _tree(dst) == ckpt[2]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_sigkill_at_random_times(ckpt, tmp_path, rng):
     # Each shard's write sleeps 0.15 s halfway, so the run spans ~0.6 s after it takes the
     # lock; kills land before, between, inside shards and after the end.
