@@ -251,7 +251,7 @@ class Checkpoint:
                 out[n] = x.reshape(()) if n == "hidden_states_global_scale" else x
                 self._check_values(f"{layer.prefix}.{n}", out[n])
             return out
-        with jax.default_device(jax.devices("cpu")[0]):  # a few floats: no device round trip
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):  # a few floats, on host
             return {n: np.asarray(x) for n, x in kernel_scales(**scales).items()}
 
     def _check_values(self, name: str, x):

@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 KERNEL_NAMES = ("output1_scale_scalar", "output1_scale_gate_scalar", "output2_scale_scalar",
                 "hidden_states_global_scale")
@@ -73,6 +74,41 @@ def _check(arrays: dict, gated: bool) -> None:
                 "is broken (every weight_scale_2 and input_scale must be finite and > 0)")
 
 
+def reciprocal(a):
+    """``1 / a`` for float32 ``a``, correctly rounded (to nearest even) on every backend.
+
+    XLA on CUDA divides float32 with ``div.full.f32``, which is off by an ulp for about
+    a quarter of the quotients (openxla/xla#37181), where torch, numpy and XLA on CPU
+    round correctly. So the quotient is computed exactly here: ``2**48 // M`` by long
+    division on the 24-bit significand ``M`` (uint32), rounded with its remainder.
+    Ties cannot occur (a reciprocal of a float is never a midpoint). Outside normal
+    ``a`` with a normal reciprocal (``a`` beyond about ``2**+-125``, zero, inf, NaN)
+    it is the backend's ``1 / a``.
+    """
+    a = jnp.asarray(a, jnp.float32)
+    u32 = jnp.uint32
+    bits = lax.bitcast_convert_type(a, u32)
+    e = (bits >> 23) & u32(0xFF)
+    m = bits & u32(0x7FFFFF)
+    sig = m | u32(0x800000)
+
+    def step(_, carry):  # one bit of floor(2**48 / sig); the remainder stays < 2**24
+        r, q = carry
+        r = r << 1
+        ge = r >= sig
+        return jnp.where(ge, r - sig, r), (q << 1) | ge.astype(u32)
+
+    r, q = lax.fori_loop(0, 48, step, (jnp.ones_like(sig), jnp.zeros_like(sig)))
+    # sig > 2**23: q in (2**24, 2**25), 1/a = q / 2**25 * 2**(127 - e) (its last bit rounds)
+    half = q >> 1
+    up = ((q & u32(1)) == 1) & ((r != 0) | ((half & u32(1)) == 1))
+    general = ((u32(253) - e) << 23) | ((half + up.astype(u32)) - u32(0x800000))
+    power_of_two = (u32(254) - e) << 23  # m == 0: exact
+    out = lax.bitcast_convert_type(jnp.where(m == 0, power_of_two, general), jnp.float32)
+    ok = (a > 0) & (e >= 1) & (e <= 252)
+    return jnp.where(ok, out, jnp.float32(1) / a)
+
+
 @functools.partial(jax.jit, static_argnames="gated")
 def _compute(s13, a13, s2, a2_in, *, gated: bool):
     f32 = jnp.float32
@@ -82,14 +118,14 @@ def _compute(s13, a13, s2, a2_in, *, gated: bool):
         s_gate = s_up = s13
     a1 = jnp.max(a13)
     a2 = jnp.max(a2_in)
-    inv_a2 = f32(1) / a2
+    inv_a2 = reciprocal(a2)
     gate = a1 * s_gate
     # (a1 * s_up) * (1 / a2), rounded in this order as vLLM and sglang do.
     out1 = (a1 * s_up) * inv_a2 if gated else jnp.broadcast_to(inv_a2, s_gate.shape)
     return {"output1_scale_scalar": out1.astype(f32),
             "output1_scale_gate_scalar": gate.astype(f32),
             "output2_scale_scalar": (a2 * s2).astype(f32),
-            "hidden_states_global_scale": (f32(1) / a1).astype(f32)}
+            "hidden_states_global_scale": reciprocal(a1).astype(f32)}
 
 
 def kernel_scales(w13_weight_scale_2, w13_input_scale, w2_weight_scale_2, w2_input_scale, *,
@@ -130,11 +166,13 @@ def kernel_scales(w13_weight_scale_2, w13_input_scale, w2_weight_scale_2, w2_inp
         ``1 / a1``: the global scale to quantize the kernel's input activations with
         (``fp4_quantize(x, global_scale)``).
 
-    Each product and quotient is one float32 operation, rounded in the order written,
-    which is vLLM 0.33's and sglang's; with equal gate and up scales the values are
-    bit for bit theirs. Jittable. ``a1`` and ``a2`` are maxima over the arrays given:
-    pass every expert's scales (global arrays, also when sharded), not one device's
-    experts inside ``shard_map``, or devices would quantize differently.
+    Each product and quotient is one float32 operation, correctly rounded in the order
+    written, which is vLLM 0.33's and sglang's; with equal gate and up scales the values
+    are bit for bit theirs, on every backend (the reciprocals are computed exactly, not
+    with XLA's approximate float32 division on CUDA). Jittable. ``a1`` and ``a2`` are
+    maxima over the arrays given: pass every expert's scales (global arrays, also when
+    sharded), not one device's experts inside ``shard_map``, or devices would quantize
+    differently.
 
     Raises
     ------

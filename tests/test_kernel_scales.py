@@ -145,3 +145,20 @@ def test_broken_checkpoint_values_refused(rng, bad):
     args[2][0] = bad
     with pytest.raises(ValueError, match=r"w2_weight_scale_2\[0\]"):
         jax_nvfp4.kernel_scales(*(jnp.asarray(x) for x in args))  # concrete jax arrays too
+
+
+def test_reciprocal_correctly_rounded(rng):
+    # XLA on CUDA divides float32 approximately; kernel_scales' reciprocals must not
+    # depend on it. Checked against numpy's IEEE division across the exponent range,
+    # powers of two and their neighbours included.
+    from jax_nvfp4._scales import reciprocal
+
+    n = 100_000
+    x = (rng.uniform(1, 2, n) * 2.0 ** rng.integers(-124, 125, n)).astype(F32)
+    p2 = F32(2) ** np.arange(-124, 125).astype(F32)
+    x = np.concatenate([x, p2, np.nextafter(p2, F32(np.inf)), np.nextafter(p2, F32(0))])
+    got = np.asarray(jax.jit(reciprocal)(x))
+    want = F32(1) / x
+    assert got.dtype == np.float32
+    bad = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))
+    assert bad.size == 0, (x[bad[:5]], got[bad[:5]], want[bad[:5]])
