@@ -27,6 +27,7 @@ Guarantees (see README, "Checkpoints"):
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -208,7 +209,6 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                     if (rec := done.get(file)) is None:
                         before = reads[0]
                         tensors = {}
-                        where("reading", ckpt.path)
                         for name in names:
                             where("reading", ckpt.file(name))
                             tensors[name] = ckpt.read(name)
@@ -307,6 +307,9 @@ def _resume(tmp: Path, dst: Path, key: str, previous: dict, log, where) -> tuple
     """The manifest to continue, and its shards that verify; anything else in ``tmp`` goes."""
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     fresh = {"key": key, "run": me, "shards": {}}
+    for junk in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*.partial")):
+        log(f"note: {junk} was left by an older version of convert (it cannot be resumed); "
+            "remove it if no conversion of that version is running")
     old_dst = _old_dir(dst)
     if old_dst.exists():  # a replaced conversion a killed --overwrite had moved aside
         log(f"removing {old_dst}, left by an interrupted --overwrite")
