@@ -162,3 +162,40 @@ def test_reciprocal_correctly_rounded(rng):
     assert got.dtype == np.float32
     bad = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))
     assert bad.size == 0, (x[bad[:5]], got[bad[:5]], want[bad[:5]])
+
+
+def test_same_bits_as_vllm_and_sglang_in_torch(rng):
+    # The peers' own arithmetic, transcribed in torch (CPU): vLLM 0.33 (modelopt.py
+    # process_weights_after_loading: column 0 of w13_weight_scale_2; flashinfer_fp4_moe.py
+    # amax of the input scales; trtllm_nvfp4_moe.py mul_ and _compute_g1_scale_c;
+    # oracle/nvfp4.py a1_gscale = 1.0 / a13_scale) with equal gate/up scales, and sglang
+    # (_compute_gemm1_alphas, _compute_g1_scale_c) with the up column kept apart.
+    torch = pytest.importorskip("torch")
+    e = 512
+    s13, a13, s2, a2 = _scales(rng, e, split=False)
+    t = {k: torch.from_numpy(v.copy()) for k, v in
+         dict(s13=s13, a13=a13, s2=s2, a2=a2).items()}
+    a13_v = t["a13"].max().to(torch.float32).repeat(e)
+    a2_v = t["a2"].max().to(torch.float32).repeat(e)
+    g1_alphas = t["s13"][:, 0].contiguous().mul_(a13_v)
+    g2_alphas = t["s2"].clone().mul_(a2_v)
+    vllm = {"output1_scale_gate_scalar": g1_alphas,
+            "output1_scale_scalar": g1_alphas * (1.0 / a2_v),
+            "output2_scale_scalar": g2_alphas,
+            "hidden_states_global_scale": (1.0 / a13_v)[0]}
+    _assert_bits(jax_nvfp4.kernel_scales(s13, a13, s2, a2),
+                 {k: v.numpy() for k, v in vllm.items()})
+
+    s13, a13, s2, a2 = _scales(rng, e, split=True)
+    t13, ta13 = torch.from_numpy(s13), torch.from_numpy(a13)
+    w13_in = ta13.max().to(torch.float32)
+    w2_in = torch.from_numpy(a2).max().to(torch.float32)
+    g1 = (w13_in * t13[:, 0]).to(torch.float32)
+    g1_up = (w13_in * t13[:, 1]).to(torch.float32)
+    w2_quant = (1 / w2_in).to(torch.float32)
+    sglang = {"output1_scale_gate_scalar": g1,
+              "output1_scale_scalar": (w2_quant * g1_up).to(torch.float32),
+              "output2_scale_scalar": (w2_in * torch.from_numpy(s2)).to(torch.float32),
+              "hidden_states_global_scale": (1 / w13_in).to(torch.float32)}
+    _assert_bits(jax_nvfp4.kernel_scales(s13, a13, s2, a2),
+                 {k: v.numpy() for k, v in sglang.items()})
