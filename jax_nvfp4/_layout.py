@@ -117,3 +117,21 @@ def pad_cols(x, padded_cols):
     if x.shape[2] == padded_cols:
         return x
     return jnp.pad(x, ((0, 0), (0, 0), (0, padded_cols - x.shape[2])))
+
+
+def crop_gated_rows(x, i):
+    """Keep the first ``i`` rows of each half of ``x`` ``[E, 2Ip, K]``: ``[E, 2i, K]``."""
+    e, rows, cols = x.shape
+    if rows == 2 * i:
+        return x
+    return x.reshape(e, 2, rows // 2, cols)[:, :, :i].reshape(e, 2 * i, cols)
+
+
+def crop_rows(x, rows):
+    """The first ``rows`` rows of ``x`` ``[E, M, K]``."""
+    return x if x.shape[1] == rows else x[:, :rows]
+
+
+def crop_cols(x, cols):
+    """The first ``cols`` columns of ``x`` ``[E, M, K]``."""
+    return x if x.shape[2] == cols else x[:, :, :cols]

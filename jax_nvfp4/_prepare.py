@@ -19,7 +19,8 @@ from jax import lax
 import numpy as np
 
 from . import _layout, _marks, _sharding, _triton
-from ._spec import BLOCK, NAMES, SCALE_DTYPE, LayerSpec, check_arrays
+from ._spec import (BLOCK, DEFAULT_HIDDEN_ALIGNMENT, NAMES, SCALE_DTYPE, LayerSpec,
+                    check_arrays)
 
 from ._backends import resolve_backend, scale_writer
 
@@ -65,8 +66,10 @@ def _apply(moves, inverse: bool) -> Transform:
 
 
 def _pad(spec: LayerSpec) -> tuple[Transform, ...]:
-    """Zero padding of I to ``spec.padded_i`` (identity when none is needed)."""
-    ip = spec.padded_i
+    """Zero padding of I to ``spec.padded_i`` and of H to ``spec.padded_h`` (identity when
+    none is needed), as vLLM: rows of each half of w13 and columns of w2 for I; columns of
+    w13 and rows of w2 (and their scales) for H."""
+    ip, hp = spec.padded_i, spec.padded_h
     if not spec.needs_padding:
         return (lambda x: x,) * 4
     if spec.gated:
@@ -75,8 +78,24 @@ def _pad(spec: LayerSpec) -> tuple[Transform, ...]:
     else:
         def rows13(x):
             return _layout.pad_rows(x, ip)
-    return (rows13, rows13, lambda x: _layout.pad_cols(x, ip // 2),
-            lambda x: _layout.pad_cols(x, ip // BLOCK))
+    return (lambda x: _layout.pad_cols(rows13(x), hp // 2),
+            lambda x: _layout.pad_cols(rows13(x), hp // BLOCK),
+            lambda x: _layout.pad_rows(_layout.pad_cols(x, ip // 2), hp),
+            lambda x: _layout.pad_rows(_layout.pad_cols(x, ip // BLOCK), hp))
+
+
+def _crop(spec: LayerSpec, crop) -> tuple[Transform, ...]:
+    """Inverse of :func:`_pad`: prepared (unpadded) arrays of ``spec`` cut back to the valid
+    ``crop = (H, I)`` (per device); identity for ``None``."""
+    if crop is None:
+        return (lambda x: x,) * 4
+    h, i = crop
+    rows13 = ((lambda x: _layout.crop_gated_rows(x, i)) if spec.gated
+              else (lambda x: _layout.crop_rows(x, i)))
+    return (lambda x: _layout.crop_cols(rows13(x), h // 2),
+            lambda x: _layout.crop_cols(rows13(x), h // BLOCK),
+            lambda x: _layout.crop_cols(_layout.crop_rows(x, h), i // 2),
+            lambda x: _layout.crop_cols(_layout.crop_rows(x, h), i // BLOCK))
 
 
 def _then(f: Transform, g: Transform) -> Transform:
@@ -97,22 +116,24 @@ def _pallas_rows(view, perm, pad: Transform):
     return fn, write
 
 
-def _transforms(spec: LayerSpec, inverse: bool, backend: str, pallas: bool = False):
+def _transforms(spec: LayerSpec, inverse: bool, backend: str, pallas: bool = False,
+                crop=None):
     """Per array ``(fn, write)``: ``fn`` maps a block of experts to its result;
     ``write(buf, start, block)``, where not None, puts the result of ``block``
     into ``buf`` at expert ``start`` itself (the flashinfer kernel writes there).
+    ``crop`` (inverse only): the valid ``(H, I)`` to cut the result back to.
     """
     moves = _moves(spec, FUSE_SCALES)
     pads = _pad(spec) if not inverse else (lambda x: x,) * 4
     if inverse:
-        out = [(_apply(m, True), None) for m in moves]
+        out = [(_then(_apply(m, True), c), None) for m, c in zip(moves, _crop(spec, crop))]
     else:
         out = [(_then(pad, _apply(m, False)), None) for pad, m in zip(pads, moves)]
     if pallas:
         from . import _pallas
         sizes = [int(np.prod(s)) for s in spec.shapes(padded=True)]
         for k in (0, 2):
-            if not _pallas.fits(sizes[k]):
+            if not _pallas.fits(sizes[k]) or (inverse and crop is not None):
                 continue
             (view, perm), = moves[k]
             if inverse:
@@ -234,7 +255,7 @@ def experts_per_chunk(spec: LayerSpec, chunk_bytes: int | None,
 
 
 def layer_program(spec: LayerSpec, *, inverse: bool, chunks: tuple[int, ...] | None,
-                  backend: str = "xla", pallas: bool = False):
+                  backend: str = "xla", pallas: bool = False, crop=None):
     """The pure function of four arrays that prepares (or unprepares) one layer.
 
     ``chunks=None`` transforms each array whole (out of place); otherwise each
@@ -242,10 +263,11 @@ def layer_program(spec: LayerSpec, *, inverse: bool, chunks: tuple[int, ...] | N
     It works on any number of experts as long as ``spec`` says so; the
     sharded path calls it per device on the local experts. ``backend`` is a
     resolved backend (``"xla"`` or ``"flashinfer"``). ``pallas`` moves the weight
-    rows with Pallas kernels (CUDA; see ``_pallas``).
+    rows with Pallas kernels (CUDA; see ``_pallas``). ``crop`` (inverse only): the valid
+    per-device ``(H, I)`` the result is cut back to (out of place).
     """
-    fns = _transforms(spec, inverse, backend, pallas)
-    if chunks is not None and not inverse and spec.needs_padding:
+    fns = _transforms(spec, inverse, backend, pallas, crop)
+    if chunks is not None and (spec.needs_padding if not inverse else crop is not None):
         raise ValueError("padding changes shapes: a padded layer cannot be prepared in place")
 
     def program(*arrays):
@@ -266,16 +288,16 @@ def layer_program(spec: LayerSpec, *, inverse: bool, chunks: tuple[int, ...] | N
 
 @functools.lru_cache(maxsize=64)
 def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks, backend: str = "xla",
-              pallas: bool = False, plan=None):
-    # Padding changes every shape, so no buffer can be reused: transform out of
-    # place and let the caller delete the inputs.
-    in_place = donate and (inverse or not spec.needs_padding)
+              pallas: bool = False, plan=None, crop=None):
+    # Padding (and cropping it back) changes every shape, so no buffer can be reused:
+    # transform out of place and let the caller delete the inputs.
+    in_place = donate and (crop is None if inverse else not spec.needs_padding)
     if backend == "triton" and not inverse:
         program = _triton.layer_program(spec, chunks=chunks if in_place else None,
                                         pad=_pad(spec))
     else:
         program = layer_program(spec, inverse=inverse, chunks=chunks if in_place else None,
-                                backend=backend, pallas=pallas)
+                                backend=backend, pallas=pallas, crop=crop)
     if plan is not None:  # sharded: the same program on each device's shard (spec is local)
         return _sharding.jit(program, plan, donate=in_place)
     return jax.jit(program, donate_argnums=(0, 1, 2, 3) if in_place else ())
@@ -297,18 +319,67 @@ class Job:
     valid: LayerSpec | None = None  # the whole layer's sizes (``spec`` is per device)
 
 
-def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") -> Job:
+def _valid_size(name: str, value, *, most: int, caller: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{caller}: {name} must be an int or None, got {value!r}")
+    if value <= 0 or value % BLOCK or value > most:
+        raise ValueError(f"{caller}: {name} = {value} must be a positive multiple of {BLOCK} "
+                         f"and at most the prepared size {most}")
+    return int(value)
+
+
+def _crop_sizes(valid: LayerSpec, local: LayerSpec, hidden_size, intermediate_size,
+                caller: str):
+    """The per-device ``(H, I)`` that unprepare crops back to (None: no crop)."""
+    h = valid.hidden if hidden_size is None else _valid_size(
+        "hidden_size", hidden_size, most=valid.hidden, caller=caller)
+    if intermediate_size is None:
+        i_local = local.intermediate
+    else:
+        i = _valid_size("intermediate_size", intermediate_size, most=valid.intermediate,
+                        caller=caller)
+        tp = valid.intermediate // local.intermediate  # devices splitting I (1: unsplit)
+        i_local = i // tp
+        if i % tp or i_local % BLOCK or dataclasses.replace(
+                local, intermediate=i_local).padded_i != local.intermediate:
+            raise ValueError(
+                f"{caller}: intermediate_size = {i} does not pad to the prepared I = "
+                f"{valid.intermediate}" + (f" ({tp} shards of {local.intermediate})" if tp > 1
+                                           else "")
+                + f": prepare pads I (per device) to a multiple of "
+                f"{64 if valid.gated else 128}; pass the layer's own I")
+    if (h, i_local) == (local.hidden, local.intermediate):
+        return None
+    return h, i_local
+
+
+def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
+             hidden_alignment=DEFAULT_HIDDEN_ALIGNMENT, hidden_size=None,
+             intermediate_size=None, caller=None) -> Job:
     """Validate one layer's call and build its program; nothing is run or donated.
 
     Every refusal of :func:`prepare_layer` is raised here, so callers that handle
     many layers (``prepare``, ``load``) can check them all before donating any.
+    ``hidden_size``/``intermediate_size`` (inverse only): the valid sizes to crop to.
     """
+    caller = caller or ("unprepare_layer" if inverse else "prepare_layer")
     arrays = tuple(arrays)
+    for name, x in zip(NAMES, arrays):
+        if isinstance(x, jax.core.Tracer):
+            raise TypeError(
+                f"{caller}() got a tracer for {where}{name}: it cannot run inside jax.jit, "
+                "vmap or grad (it donates and marks concrete arrays, and picks its compiled "
+                f"program from their sizes, shardings and devices). Call {caller} outside the "
+                "traced function, on concrete arrays; it is already one compiled program. To "
+                "read prepared weights inside jit, dequantize_layer(..., layout='trtllm') is "
+                "jittable."
+            )
     if not isinstance(gated, bool):
         raise TypeError(f"gated must be a bool, got {gated!r}")
     if not isinstance(donate, bool):
         raise TypeError(f"donate must be a bool, got {donate!r}")
-    spec = valid = check_arrays(arrays, gated=gated, prepared=inverse, where=where)
+    spec = valid = check_arrays(arrays, gated=gated, prepared=inverse, where=where,
+                                hidden_alignment=hidden_alignment)
     for name, x in zip(NAMES, arrays):
         if not inverse and _marks.is_marked(x):
             raise ValueError(
@@ -317,9 +388,15 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
             )
     if len({id(x) for x in arrays}) != 4:
         raise ValueError("the four arrays must be distinct objects")
-    plan = _sharding.plan(arrays, gated=gated, prepared=inverse, where=where)
+    plan = _sharding.plan(arrays, gated=gated, prepared=inverse, where=where,
+                          hidden_alignment=hidden_alignment)
     if plan is not None:  # sharded over a mesh: sizes and chunks are per device
         spec = plan.local
+    crop = None
+    if inverse:
+        crop = _crop_sizes(valid, spec, hidden_size, intermediate_size, caller)
+    elif hidden_size is not None or intermediate_size is not None:
+        raise TypeError(f"{caller}: hidden_size and intermediate_size are for unprepare_layer")
     pallas = use_pallas(arrays)
     # Last of the checks: "flashinfer" may compile its module (~40 s) on first use.
     # Without Pallas, XLA moves the weights a byte per thread: Triton wins everywhere.
@@ -330,7 +407,7 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="") 
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
     together = resolved == "triton" and not _triton.w13_in_one_pass(spec)
     chunks = experts_per_chunk(spec, chunk_bytes, free, w13_together=together)
-    program = _compiled(spec, inverse, donate, chunks, resolved, pallas, plan)
+    program = _compiled(spec, inverse, donate, chunks, resolved, pallas, plan, crop)
     return Job(arrays, spec, chunks, program, donate, inverse, valid)
 
 
@@ -356,7 +433,8 @@ def _run(arrays, **options):
 
 def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
                   gated: bool = True, donate: bool = True, backend: str = "auto",
-                  chunk_bytes: int | None = None):
+                  chunk_bytes: int | None = None,
+                  hidden_alignment: int = DEFAULT_HIDDEN_ALIGNMENT):
     """Convert one NVFP4 MoE layer to the TRT-LLM (flashinfer ``trtllm_fp4_block_scale_moe``) layout.
 
     Byte for byte what flashinfer's helpers (``_maybe_get_cached_w3_w1_permute_indices``,
@@ -394,25 +472,40 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
         go through it together; default: 1/32 of the layer, at least
         64 MiB, at most 1/8 of the device's free memory): larger may be faster,
         smaller needs less free memory. Ignored with ``donate=False``.
+    hidden_alignment : int, keyword-only
+        ``H`` is padded with zeros to ``Hp``, a multiple of this (a positive multiple of
+        128; default 256, which flashinfer requires for NVFP4: "128 gives wrong
+        results"), as vLLM's ``align_fp4_moe_weights_for_fi``. 128 pads only what the
+        layout itself needs.
 
     Returns
     -------
     tuple of jax.Array
-        ``(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale)`` with the input
-        shapes, except that ``I`` is padded with zeros to a multiple of 64 (gated) or 128
-        (not gated) when needed: each half of w13 gets zero rows, w2 zero columns.
+        ``(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale)`` with the padded
+        shapes ``[E, R1p, Hp/2]``, ``[E, R1p, Hp/16]``, ``[E, Hp, Ip/2]``, ``[E, Hp, Ip/16]``:
+        ``Hp`` is ``H`` rounded up to ``hidden_alignment`` (zero columns of w13 and its
+        scales, zero rows of w2 and its scales) and ``Ip`` is ``I`` rounded up to a
+        multiple of 64 (gated) or 128 (not gated): each half of w13 gets zero rows, w2 zero
+        columns (``R1p = 2 Ip`` gated, ``Ip`` not). Padding is applied before the layout,
+        so it is permuted with the rest. Without padding the shapes are the inputs'.
         Weights are uint8 with rows permuted; scales are float8_e4m3fn with the nominal
         shape ``[E, rows, K/16]`` and their bytes, flat per expert, in the 128x4 swizzled
-        order of the kernel.
+        order of the kernel. A padded layer is prepared out of place (new buffers of the
+        padded size; donated inputs are deleted).
 
     Raises
     ------
     TypeError
         A wrong dtype or a non-array argument.
     ValueError
-        Inconsistent shapes, ``H % 128 != 0``, ``I % 16 != 0``, an unknown backend,
-        ``"flashinfer"`` on non-CUDA arrays, or arrays already prepared or deleted.
+        Inconsistent or empty shapes (``E``, ``H`` or ``I`` zero), ``H % 16 != 0``,
+        ``I % 16 != 0``, a ``hidden_alignment`` that is not a positive multiple of 128, an
+        unknown backend, ``"flashinfer"`` on non-CUDA arrays, or arrays already prepared or
+        deleted (also copies of prepared arrays, where detected: see ``is_prepared``).
         Nothing is donated when this is raised.
+    TypeError
+        Called under ``jax.jit``/``vmap``/``grad`` (tracers): call it outside the traced
+        function; ``dequantize_layer`` is the jittable reader of prepared arrays.
     ImportError
         ``backend="flashinfer"`` without torch/flashinfer (says what to install);
         nothing is donated.
@@ -428,19 +521,35 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
     Multi-host: each process makes the same call and touches only its own shards.
     """
     return _run((w13_weight, w13_weight_scale, w2_weight, w2_weight_scale), gated=gated,
-                donate=donate, backend=backend, chunk_bytes=chunk_bytes, inverse=False)
+                donate=donate, backend=backend, chunk_bytes=chunk_bytes, inverse=False,
+                hidden_alignment=hidden_alignment)
 
 
 def unprepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
                     gated: bool = True, donate: bool = True, backend: str = "auto",
-                    chunk_bytes: int | None = None):
+                    chunk_bytes: int | None = None, hidden_size: int | None = None,
+                    intermediate_size: int | None = None):
     """Exact inverse of :func:`prepare_layer`: the checkpoint layout back, bytes unchanged.
 
-    Takes the arrays ``prepare_layer`` returned (shapes as listed there, with ``I``
-    already padded) and returns them in the linear layout, scales as
-    float8_e4m3fn. Padding added by ``prepare_layer`` is kept. Options as in
-    :func:`prepare_layer`, except that every backend name is accepted but the inverse
-    always runs on XLA (flashinfer has no inverse kernel).
+    Takes the arrays ``prepare_layer`` returned (padded shapes ``Hp``, ``Ip``, as listed
+    there: ``Hp`` a multiple of 128, ``Ip`` of 64 gated or 128 not gated) and returns them
+    in the linear layout, scales as float8_e4m3fn. Options as in :func:`prepare_layer`,
+    except that every backend name is accepted but the inverse always runs on XLA
+    (flashinfer has no inverse kernel).
+
+    Parameters
+    ----------
+    hidden_size, intermediate_size : int, optional, keyword-only
+        The layer's valid ``H`` and ``I`` (a :class:`PreparedLayer`'s ``.hidden_size`` and
+        ``.intermediate_size``): the padding is cropped back, so that
+        ``unprepare_layer(*prepare_layer(*x), hidden_size=H, intermediate_size=I)`` gives
+        ``x`` exactly (the last ``Hp - H`` columns of w13 and its scales and rows of w2 and
+        its scales are dropped; the last ``Ip - I`` rows of each half of w13 and columns of
+        w2). Each a positive multiple of 16, at most the prepared size; ``I`` must pad to
+        the prepared ``Ip`` (per device when ``I`` is split over devices: the global
+        ``I``). None (default): that padding is kept. A crop runs out of place (new
+        buffers; donated inputs are deleted).
     """
     return _run((w13_weight, w13_weight_scale, w2_weight, w2_weight_scale), gated=gated,
-                donate=donate, backend=backend, chunk_bytes=chunk_bytes, inverse=True)
+                donate=donate, backend=backend, chunk_bytes=chunk_bytes, inverse=True,
+                hidden_size=hidden_size, intermediate_size=intermediate_size)

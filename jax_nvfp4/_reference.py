@@ -68,16 +68,46 @@ def _pad_i(w13, s13, w2, s2, i: int, ip: int, gated: bool):
     return rows(w13), rows(s13), cols(w2, ip // 2), cols(s2, ip // BLOCK)
 
 
-def prepare_layer(w13, s13, w2, s2, *, gated: bool = True):
-    """Reference of ``jax_nvfp4.prepare_layer`` on numpy uint8 arrays; scales returned as uint8."""
+def _pad_h(w13, s13, w2, s2, h: int, hp: int):
+    """vLLM's ``align_fp4_moe_hidden_dim_for_fi``: zero columns of w13 and its scales,
+    zero rows of w2 and its scales, from ``H`` to ``Hp``."""
+    def into(x, shape, fill):
+        out = np.zeros(shape, x.dtype)
+        fill(out, x)
+        return out
+
+    e, r1 = w13.shape[:2]
+    return (into(w13, (e, r1, hp // 2), lambda o, x: o.__setitem__(np.s_[:, :, :h // 2], x)),
+            into(s13, (e, r1, hp // BLOCK),
+                 lambda o, x: o.__setitem__(np.s_[:, :, :h // BLOCK], x)),
+            into(w2, (e, hp, w2.shape[2]), lambda o, x: o.__setitem__(np.s_[:, :h], x)),
+            into(s2, (e, hp, s2.shape[2]), lambda o, x: o.__setitem__(np.s_[:, :h], x)))
+
+
+def pad_layer(w13, s13, w2, s2, *, gated: bool = True, hidden_alignment: int = 256):
+    """vLLM's padding (H to ``hidden_alignment``, then I to 64 gated / 128 not), numpy uint8."""
     w13, s13, w2, s2 = (np.asarray(a).view(np.uint8) for a in (w13, s13, w2, s2))
     h = w2.shape[1]
+    hp = -(-h // hidden_alignment) * hidden_alignment
+    if hp != h:
+        w13, s13, w2, s2 = _pad_h(w13, s13, w2, s2, h, hp)
     i = 2 * w2.shape[2]
     ip = -(-i // (64 if gated else 128)) * (64 if gated else 128)
     if ip != i:
         w13, s13, w2, s2 = _pad_i(w13, s13, w2, s2, i, ip, gated)
+    return w13, s13, w2, s2
+
+
+def prepare_layer(w13, s13, w2, s2, *, gated: bool = True, hidden_alignment: int = 256):
+    """Reference of ``jax_nvfp4.prepare_layer`` on numpy uint8 arrays; scales returned as uint8.
+
+    Padding as vLLM 0.33 (``align_fp4_moe_hidden_dim_for_fi`` then
+    ``align_fp4_moe_weights_for_fi``), then flashinfer's row indices and swizzle.
+    """
+    w13, s13, w2, s2 = pad_layer(w13, s13, w2, s2, gated=gated,
+                                 hidden_alignment=hidden_alignment)
     p13 = w13_row_index(w13.shape[1], gated=gated)
-    p2 = shuffle_index(h)
+    p2 = shuffle_index(w2.shape[1])
     out_s13 = swizzle(s13[:, p13, :]).reshape(s13.shape)
     out_s2 = swizzle(s2[:, p2, :]).reshape(s2.shape)
     return w13[:, p13, :], out_s13, w2[:, p2, :], out_s2

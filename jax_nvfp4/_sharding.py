@@ -22,7 +22,7 @@ import math
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ._spec import NAMES, LayerSpec, check_arrays
+from ._spec import DEFAULT_HIDDEN_ALIGNMENT, NAMES, LayerSpec, check_arrays
 
 # Per array, which axis holds I and which holds H ((w13 rows, H/2 cols), (w2 H rows, I cols)).
 _I_AXIS = (1, 1, 2, 2)
@@ -59,7 +59,8 @@ def _describe(axes: tuple[str, ...]) -> str:
     return "unsplit" if not axes else f"split over mesh axes {axes}"
 
 
-def plan(arrays, *, gated: bool, prepared: bool, where: str = "") -> Plan | None:
+def plan(arrays, *, gated: bool, prepared: bool, where: str = "",
+         hidden_alignment: int = DEFAULT_HIDDEN_ALIGNMENT) -> Plan | None:
     """The sharded plan of a validated layer, or ``None`` for the one-device path.
 
     ``arrays`` have already passed :func:`check_arrays` (global shapes). Raises
@@ -126,7 +127,8 @@ def plan(arrays, *, gated: bool, prepared: bool, where: str = "") -> Plan | None
     local_shapes = [s.shard_shape(tuple(x.shape)) for s, x in zip(shardings, arrays)]
     local_arrays = [jax.ShapeDtypeStruct(shape, x.dtype) for shape, x in zip(local_shapes, arrays)]
     try:
-        local = check_arrays(local_arrays, gated=gated, prepared=prepared, where=where)
+        local = check_arrays(local_arrays, gated=gated, prepared=prepared, where=where,
+                             hidden_alignment=hidden_alignment)
     except ValueError as err:
         raise ValueError(
             f"each device's shard is prepared as its own layer (I {_describe(i_axes)}, "

@@ -23,14 +23,43 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+# The kernel tiles H by 128 (w2's 128-row scale tiles; w13's scale columns H/16 by 4);
+# flashinfer documents H % 256 for NVFP4 ("128 gives wrong results"), hence the default.
+HIDDEN_TILE = 128
+DEFAULT_HIDDEN_ALIGNMENT = 256
+
+
+def check_hidden_alignment(value) -> int:
+    """``hidden_alignment`` validated: a positive multiple of 128 (``TypeError``/``ValueError``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"hidden_alignment must be an int (a positive multiple of {HIDDEN_TILE}),"
+                        f" got {value!r}")
+    if value <= 0 or value % HIDDEN_TILE:
+        raise ValueError(f"hidden_alignment must be a positive multiple of {HIDDEN_TILE} (the "
+                         f"kernel tiles H by {HIDDEN_TILE}; flashinfer wants 256 for NVFP4), "
+                         f"got {value}")
+    return int(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """Sizes of one MoE layer (``I`` as stored; ``padded_i`` as the kernel needs it)."""
+    """Sizes of one MoE layer: ``hidden`` and ``intermediate`` as stored (the model's
+    sizes); ``padded_h`` and ``padded_i`` as the kernel needs them.
+
+    ``hidden_alignment``: ``H`` is padded to a multiple of it (a positive multiple of 128).
+    """
 
     experts: int
     hidden: int
     intermediate: int
     gated: bool
+    hidden_alignment: int = DEFAULT_HIDDEN_ALIGNMENT
+
+    @property
+    def padded_h(self) -> int:
+        # As vLLM's align_fp4_moe_weights_for_fi: zero columns of w13 (and its
+        # scales), zero rows of w2 (and its scales), up to the alignment.
+        return _round_up(self.hidden, self.hidden_alignment)
 
     @property
     def padded_i(self) -> int:
@@ -40,11 +69,13 @@ class LayerSpec:
 
     @property
     def needs_padding(self) -> bool:
-        return self.padded_i != self.intermediate
+        return self.padded_i != self.intermediate or self.padded_h != self.hidden
 
     def shapes(self, *, padded: bool) -> tuple[tuple[int, int, int], ...]:
-        """Shapes of ``(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale)``."""
-        e, h = self.experts, self.hidden
+        """Shapes of ``(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale)``;
+        ``padded``: with ``padded_h`` and ``padded_i``."""
+        e = self.experts
+        h = self.padded_h if padded else self.hidden
         i = self.padded_i if padded else self.intermediate
         r1 = 2 * i if self.gated else i
         return (e, r1, h // 2), (e, r1, h // BLOCK), (e, h, i // 2), (e, h, i // BLOCK)
@@ -59,21 +90,26 @@ def _dtype_name(dt) -> str:
     return np.dtype(dt).name
 
 
-def check_arrays(arrays, *, gated: bool, prepared: bool = False, where: str = "") -> LayerSpec:
+def check_arrays(arrays, *, gated: bool, prepared: bool = False, where: str = "",
+                 hidden_alignment: int = DEFAULT_HIDDEN_ALIGNMENT) -> LayerSpec:
     """Validate the four arrays of one layer and return its :class:`LayerSpec`.
 
     ``arrays`` are ``(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale)``.
-    With ``prepared=True`` they must already be in the (padded) TRT-LLM shapes.
+    Unprepared (``prepared=False``): ``H`` a multiple of 16 (padded to ``hidden_alignment``
+    by prepare), ``I`` of 16. With ``prepared=True`` they must already be in the (padded)
+    TRT-LLM shapes: ``H`` a multiple of 128, ``I`` of 64 (gated) or 128; the spec returned
+    then needs no padding (``hidden_alignment`` is ignored).
     ``where`` prefixes array names in messages (e.g. a pytree path).
     Raises ``TypeError`` for wrong types/dtypes and ``ValueError`` for the rest.
     """
+    hidden_alignment = check_hidden_alignment(hidden_alignment)
     if len(arrays) != 4:
         raise TypeError(f"expected the 4 arrays {NAMES}, got {len(arrays)}")
     label = {n: f"{where}{n}" for n in NAMES}
     for name, x in zip(NAMES, arrays):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{label[name]}: expected an array, got {type(x).__name__}")
-        if isinstance(x, jax.Array) and x.is_deleted():
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted():
             raise ValueError(
                 f"{label[name]} has been deleted: it was donated to an earlier call "
                 "(prepare/prepare_layer consume their inputs by default). Use the arrays "
@@ -96,6 +132,12 @@ def check_arrays(arrays, *, gated: bool, prepared: bool = False, where: str = ""
                 f"{label[name]}: expected float8_e4m3fn (or its uint8 bytes), "
                 f"got {_dtype_name(x.dtype)}"
             )
+    for name, x in zip(NAMES, arrays):
+        if 0 in tuple(x.shape):
+            raise ValueError(
+                f"{label[name]}: empty array (shape {tuple(x.shape)}); a layer needs at least "
+                "one expert and non-zero H and I"
+            )
     e = w13.shape[0]
     for name, x in zip(NAMES[1:], arrays[1:]):
         if x.shape[0] != e:
@@ -109,10 +151,16 @@ def check_arrays(arrays, *, gated: bool, prepared: bool = False, where: str = ""
             f"{label['w2_weight']}: expected hidden size {h} rows (2 x {label['w13_weight']}"
             f".shape[2]), got {w2.shape[1]} (shape {tuple(w2.shape)})"
         )
-    if h % 128:
+    if prepared and h % HIDDEN_TILE:
+        raise ValueError(
+            f"{label['w13_weight']}: hidden size H = 2 x shape[2] = {h} is not a prepared size "
+            f"(a multiple of {HIDDEN_TILE}); these arrays are not in the TRT-LLM layout"
+        )
+    if h % BLOCK:
         raise ValueError(
             f"{label['w13_weight']}: hidden size H = 2 x shape[2] = {h} must be a multiple of "
-            "128 (the kernel tiles H by 128); pad the model's hidden size"
+            f"{BLOCK} (one scale per {BLOCK} values; prepare pads it to a multiple of "
+            "hidden_alignment)"
         )
     i = 2 * w2.shape[2]
     if i % BLOCK:
@@ -128,7 +176,8 @@ def check_arrays(arrays, *, gated: bool, prepared: bool = False, where: str = ""
             f"(shape {tuple(w13.shape)}); pass gated={not gated} if the layer is "
             f"{'not ' if gated else ''}gated"
         )
-    spec = LayerSpec(experts=e, hidden=h, intermediate=i, gated=gated)
+    spec = LayerSpec(experts=e, hidden=h, intermediate=i, gated=gated,
+                     hidden_alignment=HIDDEN_TILE if prepared else hidden_alignment)
     for name, x, want in zip(NAMES, arrays, spec.shapes(padded=False)):
         if tuple(x.shape) != want:
             raise ValueError(

@@ -46,15 +46,16 @@ def assert_same_floats(got, want, what=""):
     assert bad.size == 0, f"{what}: {len(bad)} values differ, first at {bad[0].tolist()}"
 
 
-def unpad(w13, w2, i: int, *, gated: bool):
+def unpad(w13, w2, i: int, *, gated: bool, h: int | None = None):
     """Drop the zero rows/columns prepare_layer added (as the docstring says)."""
-    e, r1, h = w13.shape
+    e, r1, hp = w13.shape
     if gated:
         ip = r1 // 2
-        w13 = w13.reshape(e, 2, ip, h)[:, :, :i].reshape(e, 2 * i, h)
+        w13 = w13.reshape(e, 2, ip, hp)[:, :, :i].reshape(e, 2 * i, hp)
     else:
         w13 = w13[:, :i]
-    return w13, w2[..., :i]
+    h = hp if h is None else h
+    return w13[..., :h], w2[:, :h, :i]
 
 
 def test_e2m1_table():
@@ -82,25 +83,30 @@ def test_numpy_arrays_are_accepted(rng):
     assert_same_floats(w2, dequantize_numpy(host[2], host[3]), "w2")
 
 
-@pytest.mark.parametrize("e, h, i, gated", [
-    (3, 256, 128, True),
-    (2, 128, 128, False),
-    (2, 128, 96, True),    # I padded to 128
-    (2, 256, 64, False),   # I padded to 128
+@pytest.mark.parametrize("e, h, i, gated, align", [
+    (3, 256, 128, True, 256),
+    (2, 128, 128, False, 128),
+    (2, 128, 96, True, 128),    # I padded to 128
+    (2, 256, 64, False, 256),   # I padded to 128
+    (2, 128, 128, True, 256),   # H padded to 256
+    (2, 208, 96, False, 256),   # H padded to 256, I to 128
 ])
-def test_trtllm_matches_linear(rng, e, h, i, gated):
+def test_trtllm_matches_linear(rng, e, h, i, gated, align):
     host = random_layer(rng, e, h, i, gated=gated)
     want = jax_nvfp4.dequantize_layer(*to_jax(host), gated=gated)
-    prepared = jax_nvfp4.prepare_layer(*to_jax(host), gated=gated, donate=False)
+    prepared = jax_nvfp4.prepare_layer(*to_jax(host), gated=gated, donate=False,
+                                       hidden_alignment=align)
     got = jax_nvfp4.dequantize_layer(*prepared, gated=gated, layout="trtllm")
-    ip = LayerSpec(e, h, i, gated).padded_i
-    assert got[0].shape == (e, 2 * ip if gated else ip, h) and got[1].shape == (e, h, ip)
-    w13, w2 = unpad(*(np.asarray(x) for x in got), i, gated=gated)
+    spec = LayerSpec(e, h, i, gated, hidden_alignment=align)
+    ip, hp = spec.padded_i, spec.padded_h
+    assert got[0].shape == (e, 2 * ip if gated else ip, hp) and got[1].shape == (e, hp, ip)
+    w13, w2 = unpad(*(np.asarray(x) for x in got), i, gated=gated, h=h)
     assert_same_floats(w13, want[0], "w13")
     assert_same_floats(w2, want[1], "w2")
     # What unpad dropped is the padding: +0.0 (zero bytes, zero scales).
-    r13 = np.asarray(got[0]).reshape(e, 2 if gated else 1, ip, h)[:, :, i:]
-    for pad in (r13, np.asarray(got[1])[..., i:]):
+    r13 = np.asarray(got[0]).reshape(e, 2 if gated else 1, ip, hp)
+    w2p = np.asarray(got[1])
+    for pad in (r13[:, :, i:], r13[..., h:], w2p[..., i:], w2p[:, h:]):
         assert (pad.view(np.uint32) == 0).all()
 
 
@@ -129,7 +135,7 @@ def test_trtllm_needs_a_prepared_size(rng):
 
 def test_under_jit(rng):
     host = random_layer(rng, 2, 128, 64, gated=True)
-    prepared = jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
+    prepared = jax_nvfp4.prepare_layer(*to_jax(host), donate=False, hidden_alignment=128)
     fn = jax.jit(functools.partial(jax_nvfp4.dequantize_layer, layout="trtllm"))
     got = fn(*prepared)
     assert_same_floats(got[0], dequantize_numpy(host[0], host[1]), "w13")
@@ -143,7 +149,7 @@ def test_expert_sharded_inputs_stay_sharded(rng):
     mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:n]), ("experts",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("experts"))
     host = random_layer(rng, 2 * n, 128, 64, gated=True)
-    prepared = jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
+    prepared = jax_nvfp4.prepare_layer(*to_jax(host), donate=False, hidden_alignment=128)
     sharded = [jax.device_put(x, sharding) for x in prepared]
     got = jax.jit(functools.partial(jax_nvfp4.dequantize_layer, layout="trtllm"))(*sharded)
     for x in got:
@@ -160,7 +166,7 @@ def test_explicit_mesh_expert_sharded(rng, layout):
     host = random_layer(rng, 8, 128, 64, gated=True)
     arrays = to_jax(host)
     if layout == "trtllm":
-        arrays = jax_nvfp4.prepare_layer(*arrays)
+        arrays = jax_nvfp4.prepare_layer(*arrays, hidden_alignment=128)
     got = jax_nvfp4.dequantize_layer(*[jax.device_put(x, sharding) for x in arrays],
                                      layout=layout)
     assert got[0].sharding == sharding and got[1].sharding == sharding
@@ -182,7 +188,7 @@ def test_tensor_parallel_trtllm_equals_linear(rng):
     put = [jax.device_put(x, jax.sharding.NamedSharding(mesh, p))
            for x, p in zip(to_jax(host), specs)]
     linear = jax_nvfp4.dequantize_layer(*put)
-    prepared = jax_nvfp4.prepare_layer(*put, donate=False)
+    prepared = jax_nvfp4.prepare_layer(*put, donate=False, hidden_alignment=128)
     trtllm = jax_nvfp4.dequantize_layer(*prepared, layout="trtllm")
     assert_same_floats(linear[0], dequantize_numpy(host[0], host[1]), "w13 linear")
     assert_same_floats(trtllm[0], linear[0], "w13")

@@ -33,11 +33,19 @@ def test_without_donation_inputs_stay_valid(rng):
     assert all(not o.is_deleted() for o in out)
 
 
-def test_padded_layer_consumes_its_inputs(rng):
-    layer = to_jax(random_layer(rng, 2, 128, 96))  # I = 96 is padded to 128
-    out = jax_nvfp4.prepare_layer(*layer)
+@pytest.mark.parametrize("h, i, align, hp, ip", [
+    (128, 96, 128, 128, 128),   # I = 96 is padded to 128
+    (128, 128, 256, 256, 128),  # H = 128 is padded to 256 (the default alignment)
+    (208, 96, 256, 256, 128),   # both
+])
+def test_padded_layer_consumes_its_inputs(rng, h, i, align, hp, ip):
+    layer = to_jax(random_layer(rng, 2, h, i))
+    out = jax_nvfp4.prepare_layer(*layer, hidden_alignment=align)
     assert all(x.is_deleted() for x in layer)
-    assert out[0].shape == (2, 256, 64) and out[2].shape == (2, 128, 64)
+    assert out[0].shape == (2, 2 * ip, hp // 2) and out[2].shape == (2, hp, ip // 2)
+    back = jax_nvfp4.unprepare_layer(*out, hidden_size=h, intermediate_size=i)  # cropped
+    assert all(x.is_deleted() for x in out)
+    assert back[0].shape == (2, 2 * i, h // 2) and back[3].shape == (2, h, i // 16)
 
 
 @pytest.mark.parametrize("e, h, i, gated", [(16, 512, 256, True), (12, 256, 384, False)])

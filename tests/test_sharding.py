@@ -144,7 +144,8 @@ def test_tensor_parallel_slice_is_its_own_layer(rng, i_local):
     shardings = [x.sharding for x in layer]
     pointers = _weight_pointers(layer)
 
-    out = jax_nvfp4.prepare_layer(*layer, chunk_bytes=4096)
+    # hidden_alignment=128: H = 128 unpadded, so the unpadded-I case runs in place
+    out = jax_nvfp4.prepare_layer(*layer, chunk_bytes=4096, hidden_alignment=128)
 
     assert all(x.is_deleted() for x in layer)
     ip = -(-i_local // 64) * 64
@@ -160,7 +161,7 @@ def test_tensor_parallel_slice_is_its_own_layer(rng, i_local):
                      np.concatenate([s13[e, up], s13[e, gate]], axis=1),
                      w2[e, :, j * i_local // 2:(j + 1) * i_local // 2],
                      s2[e, :, j * i_local // 16:(j + 1) * i_local // 16]]
-            want = _reference.prepare_layer(*local)[k]
+            want = _reference.prepare_layer(*local, hidden_alignment=128)[k]
             assert_bytes_equal(shard.data, want, f"{NAMES[k]} on {shard.device}")
     if ip == i_local:
         assert _weight_pointers(out) == pointers

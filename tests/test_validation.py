@@ -61,9 +61,13 @@ def test_bad_dtypes_are_type_errors(layer, k, dtype, name):
     _assert_alive(args)
 
 
-def test_hidden_not_multiple_of_128(rng):
-    layer = to_jax(random_layer(rng, 2, 192, 128))
-    with pytest.raises(ValueError, match=r"H = 2 x shape\[2\] = 192 must be a multiple of 128"):
+def test_hidden_not_multiple_of_16(rng):
+    # H = 200 cannot hold whole 16-value scale blocks (192 = 12 x 16 is padded instead)
+    e, h, i = 2, 200, 64
+    arrays = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in
+              [(e, 2 * i, h // 2), (e, 2 * i, 13), (e, h, i // 2), (e, h, i // 16)]]
+    layer = to_jax(arrays)
+    with pytest.raises(ValueError, match=r"H = 2 x shape\[2\] = 200 must be a multiple of 16"):
         jax_nvfp4.prepare_layer(*layer)
     _assert_alive(layer)
 
