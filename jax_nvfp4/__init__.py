@@ -19,11 +19,12 @@ from ._dequant import dequantize_layer
 from ._load import load
 from ._prepare import prepare_layer, unprepare_layer
 from ._scales import kernel_scales
-from ._tree import PreparedLayer, is_prepared, prepare
+from ._tree import PrepareError, PreparedLayer, is_prepared, prepare
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PrepareError",
     "PreparedLayer",
     "dequantize_layer",
     "is_prepared",
