@@ -324,8 +324,9 @@ def _resume(tmp: Path, dst: Path, key: str, previous: dict, log, where) -> tuple
         return fresh, {}
     try:
         old = json.loads((tmp / MANIFEST).read_text())
-        assert isinstance(old, dict) and isinstance(old.get("shards"), dict)
-    except (OSError, ValueError, AssertionError):
+    except (OSError, ValueError):
+        old = None
+    if not (isinstance(old, dict) and isinstance(old.get("shards"), dict)):
         old = None
     who = describe(old.get("run", {}) if old else previous)
     if old is None or old.get("key") != key:
