@@ -16,6 +16,7 @@ dequantize_layer
 """
 
 from ._dequant import dequantize_layer
+from ._forward import moe_forward
 from ._load import load
 from ._prepare import prepare_layer, unprepare_layer
 from ._scales import kernel_scales
@@ -30,6 +31,7 @@ __all__ = [
     "is_prepared",
     "kernel_scales",
     "load",
+    "moe_forward",
     "prepare",
     "prepare_layer",
     "unprepare_layer",
