@@ -35,6 +35,7 @@ AUTO_PICKS_TRITON = True
 
 def flashinfer_missing() -> str | None:
     """Why the flashinfer backend cannot run in this process (None when it can)."""
+    # torch stays needed with jax-tvm-ffi too: flashinfer imports it and compiles with it.
     for module, what in (("torch", "torch"), ("flashinfer", "flashinfer-python")):
         if importlib.util.find_spec(module) is None:
             return f"{what} is not installed; {INSTALL_HINT}"
@@ -120,7 +121,13 @@ def resolve_backend(backend: str, arrays, *, inverse: bool = False,
 
 @functools.lru_cache(maxsize=None)
 def _warm_up(device) -> None:
-    """Load (JIT-compile on first use, ~40 s) flashinfer's module outside any jit."""
+    """Load (JIT-compile on first use, ~40 s) flashinfer's module outside any jit, and
+    register its FFI targets when jax-tvm-ffi is there."""
+    if _via_ffi():
+        from .kernels import _interleave
+
+        _interleave.ensure(device.platform, device)
+        return
     import jax.numpy as jnp
 
     import torch_bridge
@@ -129,20 +136,37 @@ def _warm_up(device) -> None:
     jax.block_until_ready(torch_bridge.block_scale_interleave(tiny))
 
 
+def _via_ffi() -> bool:
+    """Whether the flashinfer backend calls its kernel as an XLA FFI target (jax-tvm-ffi)
+    rather than from a ``buffer_callback`` through torch (the fallback). Measured on an
+    H200 (benchmarks/tvm_ffi_route.py): same bytes, lower fixed cost per call."""
+    from torch_bridge import _bridge
+
+    from .kernels import _ffi
+
+    # A stand-in for torch_bridge's kernel (the CPU plumbing tests) keeps its route.
+    return _bridge._kernel is None and _ffi.missing() is None
+
+
 def scale_writer(backend: str, rows):
     """``(fn, write)`` for a scale array: ``rows`` (XLA) then the backend's swizzle.
 
     ``fn(x)`` returns the result as a new array; ``write(buf, start, block)``
     writes the result of ``block`` into ``buf`` from expert ``start`` on (``start``
     a Python int) and returns the updated ``buf``: in place when ``buf`` is donated.
+    The kernel is an XLA FFI call when jax-tvm-ffi is installed (``_via_ffi``),
+    else a ``buffer_callback`` through torch_bridge.
     """
     assert backend == "flashinfer", backend
-    import torch_bridge
+    if _via_ffi():
+        from .kernels._interleave import block_scale_interleave
+    else:
+        from torch_bridge import block_scale_interleave
 
     def fn(x):
-        return torch_bridge.block_scale_interleave(rows(x)).reshape(x.shape)
+        return block_scale_interleave(rows(x)).reshape(x.shape)
 
     def write(buf, start, block):
-        return torch_bridge.block_scale_interleave(rows(block), out=buf, start=start)
+        return block_scale_interleave(rows(block), out=buf, start=start)
 
     return fn, write
