@@ -252,3 +252,27 @@ def test_scale_bytes_as_uint8_or_float8_give_the_same(rng):
                  w2_weight_scale=jnp.asarray(host[3]))
     np.testing.assert_array_equal(np.asarray(jax_nvfp4.moe_forward(x, as_u8, ids, w)),
                                   np.asarray(jax_nvfp4.moe_forward(x, layer, ids, w)))
+
+
+def test_a_loaded_checkpoint_prepared_or_not_gives_the_same_forward(rng, tmp_path):
+    # End to end: a synthetic ModelOpt checkpoint (H = 128 and I = 32 are padded by prepare),
+    # gate and up weight_scale_2 different, loaded both ways.
+    from jax_nvfp4.testing import write_checkpoint
+
+    write_checkpoint(tmp_path, layers=1, experts=4, hidden=128, intermediate=32,
+                     split_gate_up=True, seed=int(rng.integers(1 << 31)))
+    plain = jax_nvfp4.load(tmp_path, prepare=False)["model"]["layers"]["0"]["mlp"]["experts"]
+    prep = jax_nvfp4.load(tmp_path, prepare=True)["model"]["layers"]["0"]["mlp"]["experts"]
+    assert isinstance(prep, jax_nvfp4.PreparedLayer) and prep["w2_weight"].shape[1] == 256
+    x = jnp.asarray(rng.standard_normal((6, 128)).astype(np.float32)).astype(jnp.bfloat16)
+    ids = jnp.asarray(np.stack([rng.permutation(4)[:2] for _ in range(6)]).astype(np.int32))
+    w = jnp.asarray(rng.uniform(0.1, 1, (6, 2)).astype(np.float32))
+    for quantize in (False, True):
+        want = np.asarray(jax_nvfp4.moe_forward(x, plain, ids, w, quantize_activations=quantize))
+        got = np.asarray(jax_nvfp4.moe_forward(x, prep, ids, w, quantize_activations=quantize))
+        assert np.isfinite(want).all() and np.abs(want).max() > 0
+        np.testing.assert_array_equal(got, want)
+    host = [np.asarray(plain[n]).view(np.uint8) for n in NAMES]
+    got = np.asarray(jax_nvfp4.moe_forward(x, plain, ids, w))
+    want = numpy_forward(host, plain, x, ids, w, gated=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
