@@ -224,7 +224,10 @@ def moe_forward(x, layer, topk_ids, topk_weights, *, activation: str = "swiglu",
         (:func:`kernel_scales`). A :class:`PreparedLayer` (or a mapping of arrays
         that came out of ``prepare``) is read in the TRT-LLM layout, its padding
         cropped to ``.hidden_size``/``.intermediate_size`` where it records them;
-        any other mapping in the checkpoint layout. Other keys are ignored.
+        any other mapping in the checkpoint layout. Other keys are ignored. Under
+        ``jax.jit`` only the ``PreparedLayer`` type tells the layouts apart (the
+        arrays' marks do not survive tracing): wrap :func:`prepare_layer`'s arrays in
+        a ``PreparedLayer``.
     topk_ids : int array ``[T, k]``
         The experts of each token, in ``[0, E)`` (checked when concrete; under jit
         an id out of range selects nothing).
