@@ -378,6 +378,8 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
         raise TypeError(f"gated must be a bool, got {gated!r}")
     if not isinstance(donate, bool):
         raise TypeError(f"donate must be a bool, got {donate!r}")
+    if not inverse and (hidden_size is not None or intermediate_size is not None):
+        raise TypeError(f"{caller}: hidden_size and intermediate_size are for unprepare_layer")
     spec = valid = check_arrays(arrays, gated=gated, prepared=inverse, where=where,
                                 hidden_alignment=hidden_alignment)
     for name, x in zip(NAMES, arrays):
@@ -395,8 +397,6 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
     crop = None
     if inverse:
         crop = _crop_sizes(valid, spec, hidden_size, intermediate_size, caller)
-    elif hidden_size is not None or intermediate_size is not None:
-        raise TypeError(f"{caller}: hidden_size and intermediate_size are for unprepare_layer")
     pallas = use_pallas(arrays)
     # Last of the checks: "flashinfer" may compile its module (~40 s) on first use.
     # Without Pallas, XLA moves the weights a byte per thread: Triton wins everywhere.

@@ -14,13 +14,13 @@ from helpers import assert_bytes_equal, random_layer, to_jax
 @pytest.mark.parametrize("donate", [True, False])
 def test_pallas_program_equals_reference_and_round_trips(rng, e, h, i, gated, donate):
     layer = random_layer(rng, e, h, i, gated=gated)
-    spec = LayerSpec(e, h, i, gated)
+    spec = LayerSpec(e, h, i, gated, hidden_alignment=128)  # H padding: test_hidden_padding
     chunks = _prepare.experts_per_chunk(spec, 30000)  # several chunks, a tail
     arrays = to_jax(layer)
     pointers = [x.unsafe_buffer_pointer() for x in arrays]
     out = _prepare._compiled(spec, False, donate, chunks, "xla", True)(*arrays)
     for name, g, w in zip(("w13", "w13_scale", "w2", "w2_scale"), out,
-                          _reference.prepare_layer(*layer, gated=gated)):
+                          _reference.prepare_layer(*layer, gated=gated, hidden_alignment=128)):
         assert_bytes_equal(g, w, name)
     if donate and not spec.needs_padding:
         assert [x.unsafe_buffer_pointer() for x in out] == pointers

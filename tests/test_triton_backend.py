@@ -36,17 +36,20 @@ def test_triton_backend_is_bit_exact(rng, e, h, i, gated, chunk_bytes, donate):
     layer = random_layer(rng, e, h, i, gated=gated)
     arrays = to_jax(layer)
     pointers = [x.unsafe_buffer_pointer() for x in arrays]
+    # hidden_alignment=128: the kernels on H as given (H padding: test_hidden_padding.py)
     out = jax_nvfp4.prepare_layer(*arrays, gated=gated, donate=donate, backend="triton",
-                                  chunk_bytes=chunk_bytes)
-    for name, g, w in zip(NAMES, out, _reference.prepare_layer(*layer, gated=gated)):
+                                  chunk_bytes=chunk_bytes, hidden_alignment=128)
+    for name, g, w in zip(NAMES, out, _reference.prepare_layer(*layer, gated=gated,
+                                                              hidden_alignment=128)):
         assert_bytes_equal(g, w, name)
     assert all(x.is_deleted() for x in arrays) == donate
-    if donate and not LayerSpec(e, h, i, gated).needs_padding:
+    spec = LayerSpec(e, h, i, gated, hidden_alignment=128)
+    if donate and not spec.needs_padding:
         assert [x.unsafe_buffer_pointer() for x in out] == pointers, "not in place"
     back = jax_nvfp4.unprepare_layer(*out, gated=gated, backend="triton")
     for name, g, w in zip(NAMES, back,
-                          _reference._pad_i(*layer, i, LayerSpec(e, h, i, gated).padded_i, gated)
-                          if LayerSpec(e, h, i, gated).needs_padding else layer):
+                          _reference._pad_i(*layer, i, spec.padded_i, gated)
+                          if spec.needs_padding else layer):
         assert_bytes_equal(g, w, f"round trip {name}")
 
 
