@@ -85,3 +85,40 @@ def intermediate_amax(x, w13, s13, w13_scale_2, *, gated: bool) -> float:
             act = np.maximum((x @ a.T) * w13_scale_2[e, -1], 0.0) ** 2
         amax = max(amax, float(np.abs(act).max()))
     return amax
+
+
+def _fake_quantize(v: np.ndarray, global_scale: float) -> np.ndarray:
+    """NVFP4 quantize-dequantize (x ~ e2m1 * block scale / global scale), via the numpy
+    transcription of the CUDA quantizer in test_quantize (also independent of jax_nvfp4)."""
+    from test_quantize import ref_quantize
+
+    packed, sf = ref_quantize(np.asarray(v, np.float32), np.float32(global_scale))
+    codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(v.shape)
+    return _E2M1[codes] * np.repeat(e4m3(sf), 16, axis=1) / float(np.float32(global_scale))
+
+
+def moe_forward_quantized(x, w13, s13, w2, s2, kernel, topk_ids, topk_weights, *, gated: bool):
+    """The kernel's arithmetic with its scalars (``kernel``: the four arrays of kernel_scales).
+
+    x quantized with ``hidden_states_global_scale`` (kept in units of the block scales),
+    GEMM1 on e2m1 x block-scale values, gate half x ``output1_scale_gate_scalar``, up half x
+    ``output1_scale_scalar`` (not gated: ``relu(acc * gate scalar)**2 * output1 scalar``),
+    the activation quantized with global scale 1, GEMM2 x ``output2_scale_scalar``.
+    """
+    g1 = float(np.asarray(kernel["hidden_states_global_scale"]).reshape(()))
+    xq = _fake_quantize(x, g1) * g1  # e2m1 * block scale: units of 1 / g1
+    o1, og, o2 = (np.asarray(kernel[n], np.float64) for n in (
+        "output1_scale_scalar", "output1_scale_gate_scalar", "output2_scale_scalar"))
+    out = np.zeros((x.shape[0], x.shape[1]))
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            a, b = dequantize(w13[e], s13[e]), dequantize(w2[e], s2[e])
+            i = b.shape[1]
+            if gated:
+                act = _silu((a[i:] @ xq[t]) * og[e]) * (a[:i] @ xq[t]) * o1[e]
+            else:
+                act = np.maximum((a @ xq[t]) * og[e], 0.0) ** 2 * o1[e]
+            act = _fake_quantize(act[None].astype(np.float32), 1.0)[0]
+            out[t] += float(topk_weights[t, j]) * (b @ act) * o2[e]
+    return out
