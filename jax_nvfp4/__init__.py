@@ -15,6 +15,7 @@ dequantize_layer
     One layer's float values, from either layout.
 """
 
+from . import kernels
 from ._dequant import dequantize_layer
 from ._forward import moe_forward
 from ._load import load
@@ -29,6 +30,7 @@ __all__ = [
     "PreparedLayer",
     "dequantize_layer",
     "is_prepared",
+    "kernels",
     "kernel_scales",
     "load",
     "moe_forward",

@@ -101,3 +101,21 @@ def test_buffer_callback_fallback_still_matches(rng, monkeypatch):
     out = jax_nvfp4.prepare_layer(*to_jax(host), backend="flashinfer")
     for name, g, w in zip(("w13", "w13_scale", "w2", "w2_scale"), out, want):
         assert_bytes_equal(g, w, name)
+
+
+def test_fused_moe_refuses_this_gpu_naming_its_capability(rng):
+    # trtllm-gen's FP4 MoE exists only on Blackwell (sm_100 / sm_103).
+    cc = jax.devices()[0].compute_capability
+    if cc in ("10.0", "10.3"):
+        pytest.skip("a Blackwell GPU: the refusal does not apply")
+    e, hp, ip = 2, 256, 128
+    u8 = lambda *s: jnp.asarray(rng.integers(0, 256, s, dtype=np.uint8))  # noqa: E731
+    f32 = lambda *s: jnp.asarray(rng.uniform(0.5, 2, s).astype(np.float32))  # noqa: E731
+    layer = jax_nvfp4.PreparedLayer(dict(
+        w13_weight=u8(e, 2 * ip, hp // 2), w13_weight_scale=u8(e, 2 * ip, hp // 16),
+        w2_weight=u8(e, hp, ip // 2), w2_weight_scale=u8(e, hp, ip // 16),
+        **jax_nvfp4.kernel_scales(f32(e, 2), f32(e, 2), f32(e), f32(e))))
+    x = jnp.ones((3, hp), jnp.bfloat16)
+    ids = jnp.zeros((3, 1), jnp.int32)
+    with pytest.raises(RuntimeError, match=f"compute capability {cc}"):
+        kernels.trtllm_fp4_moe(x, layer, ids, jnp.ones((3, 1), jnp.float32))

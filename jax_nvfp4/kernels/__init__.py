@@ -15,5 +15,6 @@ missing()
 
 from ._ffi import missing
 from ._interleave import block_scale_interleave
+from ._moe import trtllm_fp4_moe
 
-__all__ = ["block_scale_interleave", "missing"]
+__all__ = ["block_scale_interleave", "missing", "trtllm_fp4_moe"]
