@@ -176,7 +176,9 @@ class Reference:
 
     def __init__(self, spec: LayerSpec, layer):
         if spec.needs_padding:
-            raise UserError(f"bench shapes must not need padding (I={spec.intermediate})")
+            raise UserError(f"bench shapes must not need padding (H={spec.hidden}: a multiple "
+                            f"of {spec.hidden_alignment}; I={spec.intermediate}: of "
+                            f"{64 if spec.gated else 128})")
         self.spec = spec
         p13 = _reference.w13_row_index(spec.shapes(padded=False)[0][1], gated=spec.gated)
         p2 = _reference.shuffle_index(spec.hidden)

@@ -76,7 +76,8 @@ def run(args) -> int:
     bad = [n for n, o, w in zip(("w13", "w13_scale", "w2", "w2_scale"), out, want)
            if not np.array_equal(np.asarray(o).view(np.uint8)[pick], w)]
     moved = 2 * spec.nbytes  # each byte read once and written once
-    how = "in place" if in_place else f"padded to I={spec.padded_i} (new buffers)"
+    how = ("in place" if in_place else
+           f"padded to H={spec.padded_h}, I={spec.padded_i} (new buffers)")
     print(f"prepared {how}: {warm * 1e3:.2f} ms ({first * 1e3:.0f} ms for the first call, "
           f"with compilation), {moved / 2**30:.3f} GiB moved, {moved / warm / 1e9:.1f} GB/s")
     print(f"outputs: {[list(o.shape) for o in out]}")

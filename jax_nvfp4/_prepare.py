@@ -390,6 +390,14 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
             )
     if len({id(x) for x in arrays}) != 4:
         raise ValueError("the four arrays must be distinct objects")
+    if not inverse:
+        for name, copy in zip(NAMES, _marks.copies(arrays)):
+            if copy:
+                raise ValueError(
+                    f"{where}{name} holds the bytes of an array that came out of prepare (a "
+                    "copy of a prepared array?); preparing it again would shuffle it twice. "
+                    "Use it as prepared, or unprepare_layer it first"
+                )
     plan = _sharding.plan(arrays, gated=gated, prepared=inverse, where=where,
                           hidden_alignment=hidden_alignment)
     if plan is not None:  # sharded over a mesh: sizes and chunks are per device
@@ -501,7 +509,7 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
         Inconsistent or empty shapes (``E``, ``H`` or ``I`` zero), ``H % 16 != 0``,
         ``I % 16 != 0``, a ``hidden_alignment`` that is not a positive multiple of 128, an
         unknown backend, ``"flashinfer"`` on non-CUDA arrays, or arrays already prepared or
-        deleted (also copies of prepared arrays, where detected: see ``is_prepared``).
+        deleted (also copies of prepared arrays, where detected: see Notes).
         Nothing is donated when this is raised.
     TypeError
         Called under ``jax.jit``/``vmap``/``grad`` (tracers): call it outside the traced
@@ -519,6 +527,15 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
     mesh axes), each device's slice is prepared as its own layer with the local ``I``:
     its w13 rows must be its own ``[up; gate]``. The hidden axis cannot be split.
     Multi-host: each process makes the same call and touches only its own shards.
+
+    Arrays that came out of ``prepare`` are refused (they are marked). So are copies of
+    them (``jnp.array(out)``, ``np.asarray(out)``, ``jax.device_put`` elsewhere, also after
+    the original is gone), recognised by 64 sampled bytes per array: checking costs
+    nothing for inputs whose shape no prepared array had (raw layers of a padded model),
+    else one 64-byte gather per array and a wait for the inputs (about 0.1 ms). Not
+    recognised: copies whose sampled bytes are all equal (e.g. zeros, the same in either
+    layout), or sharded differently from the original, or modified since.
+    ``jax_nvfp4._marks.CHECK_COPIES = False`` turns the check off.
     """
     return _run((w13_weight, w13_weight_scale, w2_weight, w2_weight_scale), gated=gated,
                 donate=donate, backend=backend, chunk_bytes=chunk_bytes, inverse=False,
