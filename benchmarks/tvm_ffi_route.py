@@ -175,7 +175,7 @@ def swizzle_rows(repeats, log):
 
 def layer_rows(repeats, log):
     import jax_nvfp4
-    from jax_nvfp4 import _reference
+    from jax_nvfp4 import _backends, _prepare, _reference
     from jax_nvfp4.kernels import _ffi
 
     rows = []
@@ -191,24 +191,32 @@ def layer_rows(repeats, log):
                     arrs[2], jax.lax.bitcast_convert_type(arrs[3], jnp.float8_e4m3fn)]
 
         for route in ("ffi", "buffer_callback"):
+            # prepare_layer caches its compiled programs: drop them so each route traces anew.
+            _prepare._compiled.cache_clear()
             saved = _ffi.missing
             if route == "buffer_callback":
                 _ffi.missing = lambda: "forced off by the benchmark"
             try:
-                for backend in ("flashinfer", "xla"):
+                for backend, chunk in (("flashinfer", None), ("flashinfer", 1 << 30),
+                                       ("xla", None)):
                     if backend == "xla" and route != "ffi":
                         continue
-                    out = jax_nvfp4.prepare_layer(*make(), backend=backend, donate=True)
+                    if backend == "flashinfer" and _backends._via_ffi() != (route == "ffi"):
+                        raise AssertionError(f"route {route} not taken")
+                    out = jax_nvfp4.prepare_layer(*make(), backend=backend, donate=True,
+                                                  chunk_bytes=chunk)
                     for k, (g, w) in enumerate(zip(out, want)):
                         if not np.array_equal(np.asarray(_u8(g)), np.asarray(w).view(np.uint8)):
                             raise AssertionError(f"{name} {backend} {route}: array {k} differs")
-                    wall = _wall(lambda *a, b=backend: jax_nvfp4.prepare_layer(
-                        *a, backend=b, donate=True), make, repeats)
-                    label = f"prepare_layer {backend}" + (f" ({route})" if backend != "xla" else "")
+                    wall = _wall(lambda *a, b=backend, c=chunk: jax_nvfp4.prepare_layer(
+                        *a, backend=b, donate=True, chunk_bytes=c), make, repeats)
+                    label = f"prepare_layer {backend}" + (
+                        f" ({route}{', one chunk' if chunk else ''})" if backend != "xla" else "")
                     rows.append(dict(shape=name, method=label, wall_ms=wall, device_ms=None))
                     log(f"{name:42s} {label:40s} wall {wall:8.3f} ms (donated)")
             finally:
                 _ffi.missing = saved
+                _prepare._compiled.cache_clear()
     return rows
 
 
