@@ -96,12 +96,14 @@ def dequantize_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *
         Rows ``[up; gate]`` (gated) in checkpoint order.
     w2 : float32 ``[E, H, I]``
 
-    With ``layout="trtllm"`` and a padded layer (``prepare_layer`` padded ``I`` to
-    ``Ip``, a multiple of 64 gated or 128 not gated), the result has the padded
-    shapes ``[E, 2 Ip, H]`` (``[E, Ip, H]`` not gated) and ``[E, H, Ip]``: rows
-    ``I..Ip`` of each half of w13 and columns ``I..Ip`` of w2 are zeros. Drop them
-    with ``w13.reshape(E, 2, Ip, H)[:, :, :I].reshape(E, 2 * I, H)`` (not gated:
-    ``w13[:, :I]``) and ``w2[..., :I]`` to get exactly the unpadded layer.
+    With ``layout="trtllm"`` and a padded layer (``prepare_layer`` padded ``H`` to
+    ``Hp``, a multiple of its ``hidden_alignment``, and ``I`` to ``Ip``, a multiple of 64
+    gated or 128 not gated), the result has the padded shapes ``[E, 2 Ip, Hp]``
+    (``[E, Ip, Hp]`` not gated) and ``[E, Hp, Ip]``: rows ``I..Ip`` of each half of w13,
+    its columns ``H..Hp``, and rows ``H..Hp`` and columns ``I..Ip`` of w2 are zeros. Drop
+    them with ``w13.reshape(E, 2, Ip, Hp)[:, :, :I, :H].reshape(E, 2 * I, H)`` (not gated:
+    ``w13[:, :I, :H]``) and ``w2[:, :H, :I]`` to get exactly the unpadded layer (``H``
+    and ``I``: a :class:`PreparedLayer`'s ``.hidden_size`` and ``.intermediate_size``).
 
     Every stored value is returned as is: a scale byte that is NaN in
     float8_e4m3fn (``0x7f``, ``0xff``) gives NaN for its 16 values. The result
@@ -118,7 +120,8 @@ def dequantize_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *
     TypeError, ValueError
         As :func:`prepare_layer` for inconsistent arrays; ``ValueError`` for an
         unknown ``layout``, for ``layout="trtllm"`` with an unprepared size of
-        ``I``, and for ``layout="linear"`` on arrays that came out of ``prepare``.
+        ``H`` or ``I`` (H a multiple of 128, I of 64 gated or 128 not), for empty arrays,
+        and for ``layout="linear"`` on arrays that came out of ``prepare``.
     """
     arrays = (w13_weight, w13_weight_scale, w2_weight, w2_weight_scale)
     if layout not in LAYOUTS:
