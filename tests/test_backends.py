@@ -68,13 +68,13 @@ def test_flashinfer_program_plumbing_on_cpu(rng, stand_in_kernel, e, h, i, gated
                                             donate):
     """The jitted program of backend="flashinfer" (buffer_callback, chunk offsets, aliasing)."""
     layer = random_layer(rng, e, h, i, gated=gated)
-    spec = LayerSpec(e, h, i, gated)
-    arrays = to_jax(layer)
+    spec = LayerSpec(e, h, i, gated, hidden_alignment=128)  # unpadded: in place (H padding:
+    arrays = to_jax(layer)                                  # test_hidden_padding.py)
     pointers = [x.unsafe_buffer_pointer() for x in arrays]
     chunks = _prepare.experts_per_chunk(spec, chunk_bytes)
     out = _prepare._compiled(spec, False, donate, chunks, "flashinfer")(*arrays)
     for name, g, w in zip(("w13", "w13_scale", "w2", "w2_scale"), out,
-                          _reference.prepare_layer(*layer, gated=gated)):
+                          _reference.prepare_layer(*layer, gated=gated, hidden_alignment=128)):
         assert_bytes_equal(g, w, name)
     assert stand_in_kernel, "the kernel was not called"
     if donate:
