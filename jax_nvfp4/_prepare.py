@@ -445,14 +445,18 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
                   hidden_alignment: int = DEFAULT_HIDDEN_ALIGNMENT):
     """Convert one NVFP4 MoE layer to the TRT-LLM (flashinfer ``trtllm_fp4_block_scale_moe``) layout.
 
-    Byte for byte what flashinfer's helpers (``_maybe_get_cached_w3_w1_permute_indices``,
-    ``get_w2_permute_indices_with_cache``, ``block_scale_interleave``) produce.
+    Byte for byte what vLLM 0.33 produces: ``H`` and ``I`` zero-padded as its
+    ``align_fp4_moe_hidden_dim_for_fi`` and ``align_fp4_moe_weights_for_fi``, then
+    flashinfer's helpers (``_maybe_get_cached_w3_w1_permute_indices``,
+    ``get_w2_permute_indices_with_cache``, ``block_scale_interleave``).
 
     Parameters
     ----------
     w13_weight : uint8 ``[E, R1, H/2]``
         Packed e2m1 (low nibble first) of the fused up/gate projection. Rows are
         ``[up (w3); gate (w1)]`` with ``R1 = 2I`` when ``gated``, else ``R1 = I``.
+        ``E >= 1``; ``H`` and ``I`` positive multiples of 16 (one scale per 16 values;
+        both are padded to what the kernel needs).
     w13_weight_scale : float8_e4m3fn or uint8 ``[E, R1, H/16]``
         Linear (row-major) block scales, one per 16 values, same rows as ``w13_weight``.
     w2_weight : uint8 ``[E, H, I/2]``
