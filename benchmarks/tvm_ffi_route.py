@@ -225,6 +225,7 @@ def main():
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default=None)
     p.add_argument("--no-layers", action="store_true")
+    p.add_argument("--layers-only", action="store_true")
     a = p.parse_args()
     lines = []
 
@@ -242,7 +243,7 @@ def main():
         log(f"flashinfer {flashinfer.__version__}, apache-tvm-ffi {tvm_ffi.__version__}")
     except ImportError as e:
         log(f"missing: {e}")
-    rows = swizzle_rows(a.repeats, log)
+    rows = [] if a.layers_only else swizzle_rows(a.repeats, log)
     if not a.no_layers:
         try:
             rows += layer_rows(max(5, a.repeats // 3), log)
