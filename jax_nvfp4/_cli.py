@@ -14,6 +14,7 @@ COMMANDS = {
     "convert": ("jax_nvfp4._convert", "write a ModelOpt NVFP4 checkpoint as a prepared one"),
     "inspect": ("jax_nvfp4._inspect", "show what a checkpoint holds (naming, layers, sizes)"),
     "bench": ("jax_nvfp4._bench", "time prepare_layer against the copy floor and torch baselines"),
+    "bench-io": ("jax_nvfp4._bench_io", "time load and convert against safetensors' own read"),
 }
 
 

@@ -2,7 +2,10 @@
 
 Each decoder layer becomes one output shard: its MoE layers loaded and
 prepared on the default device by the loader's machinery, its other tensors
-copied unchanged. The host holds one layer's output at a time.
+copied unchanged. While a shard is written the next one's MoE layers are read
+(:class:`_ReadAhead`), so the host holds one layer's output and the next
+layer's input at a time. Every layer's scale values are checked before
+anything is written.
 
 Guarantees (see README, "Checkpoints"):
 
@@ -26,6 +29,7 @@ Guarantees (see README, "Checkpoints"):
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import glob
 import hashlib
@@ -48,7 +52,7 @@ from . import __version__
 from ._checkpoint import FORMAT, INDEX, LAYOUT, PREPARED_JSON, SINGLE, open_checkpoint
 from ._cli import Interrupted, UserError
 from ._fslock import FileLock, LockHeld, describe
-from ._load import load_layer
+from ._load import load_layer, read_layer
 
 MANIFEST = ".jax_nvfp4-convert.json"  # in the partial directory; removed before the rename
 # Test hook (tests/test_convert_faults.py), comma-separated: "kill@shard:K", "term@shard:K",
@@ -174,6 +178,8 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
         if ckpt.prepared:
             raise UserError(f"{src} is already prepared (see its {PREPARED_JSON})")
         groups = ckpt.groups()
+        for layer in ckpt.moe:  # every scale value checked (cached) before anything is written
+            ckpt.scales(layer)
         total = sum(ckpt.nbytes(n) for n in ckpt.weight_map)
         metadata = {"jax_nvfp4.format": FORMAT, "jax_nvfp4.layout": LAYOUT,
                     "jax_nvfp4.version": __version__, "jax_nvfp4.source": str(src.resolve())}
@@ -193,7 +199,7 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                 f"(lock {e.path}); wait for it to finish or stop it") from None
         except OSError as e:
             raise ConvertError(_io_message(e, where)) from None
-        manifest, reads = None, [0]
+        manifest, reads, ahead = None, [0], _ReadAhead(ckpt)
         try:
             _check_dst(dst, overwrite)  # again, now that no other conversion can write it
             manifest, done = _resume(tmp, dst, key, lock.previous, log, where)
@@ -215,10 +221,15 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                             tick(tensors[name].nbytes)
                         for layer in moe:
                             where("reading", ckpt.path)
-                            arrays = load_layer(ckpt, layer, prepare=True, progress=tick)
+                            arrays = load_layer(ckpt, layer, prepare=True, progress=tick,
+                                                host=ahead.take(layer))
                             tensors.update((f"{layer.prefix}.{n}", np.asarray(x))
                                            for n, x in arrays.items())
                             del arrays
+                        # the next shard's MoE layers are read while this one is written
+                        for later in next((g[1] for f, g in zip(files[k + 1:], groups[k + 1:])
+                                           if f not in done), []):
+                            ahead.start(later)
                         rec = _write_shard(tensors, tmp / file, metadata, k + 1, where)
                         rec.update(tensors=sorted(tensors), read=reads[0] - before,
                                    nbytes=sum(x.nbytes for x in tensors.values()))
@@ -238,7 +249,8 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                                  "padded_intermediate": x.padded_intermediate} for x in ckpt.moe}
             _write_json(tmp / PREPARED_JSON,
                         {"format": FORMAT, "layout": LAYOUT, "jax_nvfp4_version": __version__,
-                         "source": str(src.resolve()), "naming": ckpt.naming, "gated": True,
+                         "source": str(src.resolve()), "naming": ckpt.naming,
+                         "gated": True,
                          "moe_layers": layers}, where)
             for f in sorted(src.iterdir()):  # config, tokenizer, ... (the shards were rewritten)
                 if f.is_file() and f.suffix != ".safetensors" and f.name not in (INDEX, SINGLE):
@@ -262,6 +274,7 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                 print(f"convert: {_kept(tmp, manifest, len(files))[2:]}", file=sys.stderr)
             raise
         finally:
+            ahead.close()
             lock.release()
     stats = jax.devices()[0].memory_stats() or {}
     return {"src": src, "dst": dst, "naming": ckpt.naming, "moe_layers": len(ckpt.moe),
@@ -270,6 +283,34 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
             "seconds": time.perf_counter() - start,
             "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_device_bytes": stats.get("peak_bytes_in_use")}
+
+
+class _ReadAhead:
+    """MoE layers read into host buffers on a background thread, taken in order.
+
+    At most the layers of one shard are read ahead, so the host holds the shard being
+    written and the next one's MoE layers. Reading has no effect on the output: an
+    error in it is raised when the layer is taken; on close nothing is left running.
+    """
+
+    def __init__(self, ckpt):
+        self.ckpt, self.pending, self.pool = ckpt, {}, None
+
+    def start(self, layer):
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(1, "jax_nvfp4-read-ahead")
+        self.pending[layer.prefix] = self.pool.submit(read_layer, self.ckpt, layer)
+
+    def take(self, layer):
+        """The future of ``layer``'s :class:`HostLayer`, or None if it was not read ahead."""
+        return self.pending.pop(layer.prefix, None)
+
+    def close(self):
+        for f in self.pending.values():
+            f.cancel()
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def _io_message(e: BaseException, where: _Where) -> str:

@@ -1,35 +1,149 @@
-"""load(path): a ModelOpt NVFP4 checkpoint to JAX params, layer by layer, expert by expert.
+"""load(path): a ModelOpt NVFP4 checkpoint to JAX params, layer by layer, at disk speed.
 
-Each MoE layer's four stacked arrays are allocated once on device and filled
-one expert at a time by a jitted, donated ``dynamic_update_slice`` (the
-expert index is traced, so it compiles once), then prepared in place. The
-host holds one expert's tensors at a time; the device holds the params loaded
-so far plus one layer's scratch.
+Each MoE layer is assembled on the host, one preallocated numpy buffer per stacked
+array (float8 scales kept as bytes), filled straight from the shards with
+``os.preadv`` by a small thread pool (adjacent pieces coalesced into one read), then
+sent to the device in one transfer per array (per device when sharded) and prepared
+in place. No program runs per expert, so the cost is linear in the bytes and flat in
+the number of experts. The host holds one layer's buffers at a time; the device
+holds the params loaded so far plus one layer's scratch.
 """
 
 from __future__ import annotations
 
-import functools
+import concurrent.futures
+import os
+import threading
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from . import _marks
-from ._checkpoint import SCALE_NAMES, Checkpoint, MoELayer, open_checkpoint
+from ._checkpoint import SCALE_NAMES, Checkpoint, CheckpointError, MoELayer, open_checkpoint
 from ._scales import KERNEL_NAMES
 from ._prepare import prepare_layer
 from ._spec import NAMES, SCALE_DTYPE
 from ._tree import PreparedLayer
 
 _DTYPES = (jnp.uint8, SCALE_DTYPE, jnp.uint8, SCALE_DTYPE)
+THREADS = min(8, max(2, os.cpu_count() or 2))  # reads in flight (the kernel copies, no GIL)
+TASK_BYTES = 16 << 20  # one read task: coalesced pieces up to this size (larger ones split)
+_ALIGN = 4096
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write(buf, x, expert, row):
-    """``buf[expert, row:row + len(x)] = x`` in place (``expert`` and ``row`` are traced)."""
-    return lax.dynamic_update_slice(buf, x[None], (expert, row, 0))
+def _readers() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(THREADS, "jax_nvfp4-read")
+        return _pool
+
+
+def _put(x: np.ndarray, device):
+    """One host->device transfer (a seam for tests, which count them)."""
+    return jax.device_put(x, device)
+
+
+class HostLayer(NamedTuple):
+    """One MoE layer's stacked arrays on the host (uint8, stored shapes) and bytes read."""
+
+    arrays: list
+    nbytes: int
+
+
+def _empty(shape) -> np.ndarray:
+    """An uninitialised uint8 buffer aligned to a page: on CPU, ``device_put`` then takes
+    it without a copy (XLA's CPU client wants 64-byte alignment for that)."""
+    n = int(np.prod(shape))
+    raw = np.empty(n + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + n].reshape(shape)
+
+
+def _plan(ckpt: Checkpoint, layer: MoELayer, shapes, experts) -> list[tuple]:
+    """``[(shard, file offset, array k, offset in the flat buffer, nbytes)]``, coalesced."""
+    pieces = []
+    for e in experts:
+        for k, array in enumerate(NAMES):
+            rows, row_bytes = shapes[k][1], int(np.prod(shapes[k][2:]))
+            for tensor, index, row in layer.parts(array, e):
+                shard, offset, n = ckpt.span(tensor, index)
+                dest = (e * rows + row) * row_bytes
+                if n % row_bytes or row * row_bytes + n > rows * row_bytes:
+                    raise CheckpointError(
+                        f"{ckpt.file(tensor)}: tensor {tensor!r} ({n} bytes) does not fit rows "
+                        f"{row}.. of expert {e} of {layer.prefix}.{array} {list(shapes[k])}")
+                pieces.append((shard, offset, k, dest, n))
+    pieces.sort(key=lambda p: (p[2], p[3]))
+    out = []
+    for p in pieces:  # the next expert's bytes often follow in the file (stacked tensors)
+        if out and (q := out[-1])[0] is p[0] and q[2] == p[2] and q[3] + q[4] == p[3] \
+                and q[1] + q[4] == p[1]:
+            out[-1] = (*q[:4], q[4] + p[4])
+        else:
+            out.append(p)
+    return out
+
+
+def _tasks(pieces) -> list[list[tuple]]:
+    """Pieces grouped into read tasks of about ``TASK_BYTES`` (large pieces cut up)."""
+    tasks, cur, size = [], [], 0
+    for shard, offset, k, dest, n in pieces:
+        for s in range(0, n, TASK_BYTES):
+            m = min(TASK_BYTES, n - s)
+            cur.append((shard, offset + s, k, dest + s, m))
+            size += m
+            if size >= TASK_BYTES:
+                tasks.append(cur)
+                cur, size = [], 0
+    return tasks + ([cur] if cur else [])
+
+
+def read_layer(ckpt: Checkpoint, layer: MoELayer, *, sharding=None,
+               progress=None) -> HostLayer:
+    """Read one MoE layer into four preallocated host buffers (uint8, stored shapes).
+
+    Only the experts that ``sharding`` places on this process's devices are read (the
+    rest of the buffers is never touched). Reads run on a thread pool; ``progress(n)``
+    is called in the calling thread as each read task completes.
+    """
+    shapes = layer.spec.shapes(padded=False)
+    experts = sorted({e for _, e0, e1 in _targets(sharding, shapes) for e in range(e0, e1)})
+    bufs = [_empty(s) for s in shapes]
+    flat = [b.reshape(-1) for b in bufs]
+
+    def run(task):
+        for shard, offset, k, dest, n in task:
+            shard.pread(offset, flat[k][dest:dest + n])
+        return sum(p[4] for p in task)
+
+    futures = [_readers().submit(run, t) for t in _tasks(_plan(ckpt, layer, shapes, experts))]
+    total = 0
+    try:
+        for f in concurrent.futures.as_completed(futures):
+            n = f.result()
+            total += n
+            if progress:
+                progress(n)
+    finally:
+        for f in futures:  # on an error: no read left writing into the buffers
+            f.cancel()
+        concurrent.futures.wait(futures)
+    return HostLayer(bufs, total)
+
+
+def _to_device(host: list, shapes, targets, sharding) -> list:
+    """The host buffers on device: one transfer per array (per device when sharded)."""
+    host = [b.view(dt) for b, dt in zip(host, _DTYPES)]  # float8 is a view of the bytes
+    if sharding is None:
+        return [_put(h, targets[0][0]) for h in host]
+    return [jax.make_array_from_single_device_arrays(
+        s, sharding, [_put(h[e0:e1], device) for device, e0, e1 in targets])
+        for h, s in zip(host, shapes)]
 
 
 def _targets(sharding, shapes) -> list[tuple[object, int, int]]:
@@ -62,7 +176,7 @@ def _replicated(sharding):
 
 
 def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=None,
-               progress=None) -> dict:
+               progress=None, host=None) -> dict:
     """One MoE layer of ``ckpt`` as a mapping of its twelve arrays, on device.
 
     The four weight arrays, the four checkpoint scalars and the four kernel scalars
@@ -70,31 +184,23 @@ def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=Non
     buffers (in place). A layer of a prepared checkpoint comes back as a
     :class:`PreparedLayer` with its arrays marked; prepared layers record the model's
     valid ``hidden_size`` and ``intermediate_size``. ``progress(nbytes)`` is called
-    after each tensor read. The scalars are read (and checked) first, so a broken
-    scale fails before the layer's weights are read.
+    as the layer's bytes are read. ``host``: the layer already read by
+    :func:`read_layer` (or a future of it), e.g. read ahead while the caller wrote the
+    previous one. The scalars are read (and checked) first, so a broken scale fails
+    before the layer's weights are read.
     """
     host_scales = ckpt.scales(layer)
     host_kernel = ckpt.kernel_scales(layer, host_scales)
     shapes = layer.spec.shapes(padded=False)
     targets = _targets(sharding, shapes)
-    bufs = {t: [jnp.zeros((t[2] - t[1], *s[1:]), dt, device=t[0]) for s, dt in
-                zip(shapes, _DTYPES)] for t in targets}
-    for e in range(layer.spec.experts):
-        for k, array in enumerate(NAMES):
-            for tensor, index, row in layer.parts(array, e):
-                x = ckpt.read(tensor, index)
-                for (device, e0, e1), b in bufs.items():
-                    if e0 <= e < e1:
-                        b[k] = _write(b[k], jax.device_put(x, device), e - e0, row)
-                if progress:
-                    progress(x.nbytes)
-                del x
-    if sharding is None:
-        arrays = bufs[targets[0]]
-    else:
-        arrays = [jax.make_array_from_single_device_arrays(
-            s, sharding, [bufs[t][k] for t in targets]) for k, s in enumerate(shapes)]
-    del bufs
+    if host is None:
+        host = read_layer(ckpt, layer, sharding=sharding, progress=progress)
+    else:  # read ahead by the caller (a HostLayer or a future of one)
+        host = host.result() if isinstance(host, concurrent.futures.Future) else host
+        if progress:
+            progress(host.nbytes)
+    arrays = _to_device(host.arrays, shapes, targets, sharding)
+    del host
     sizes = {"hidden_size": layer.hidden, "intermediate_size": layer.intermediate}
     if layer.prepared:
         _marks.mark(*arrays)

@@ -1,0 +1,220 @@
+"""Checkpoint I/O at disk speed: layers assembled on the host from bulk reads, one transfer per
+array, no program per expert, scales checked before convert writes, read-ahead in convert,
+bench-io (host memory: test_checkpoint_memory.py)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import threading
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jax_nvfp4
+from jax_nvfp4 import _convert, _load
+from jax_nvfp4._checkpoint import CheckpointError, open_checkpoint
+from jax_nvfp4._spec import NAMES
+from jax_nvfp4.testing import write_checkpoint
+from ckpt_helpers import MOE, cli, prefix, rewrite, stacked
+
+
+def _seed(rng):
+    return int(rng.integers(2**31))
+
+
+@pytest.fixture
+def puts(monkeypatch):
+    """Every host->device transfer of a MoE array: (shape, dtype, device)."""
+    calls = []
+    real = _load._put
+
+    def put(x, device):
+        calls.append((x.shape, x.dtype, device))
+        return real(x, device)
+
+    monkeypatch.setattr(_load, "_put", put)
+    return calls
+
+
+@pytest.mark.parametrize("naming", ["qwen3", "mixtral"])
+def test_read_layer_is_the_stacked_experts(tmp_path, rng, naming):
+    e = 5
+    tensors = write_checkpoint(tmp_path, naming=naming, layers=2, experts=e, intermediate=96,
+                               seed=_seed(rng))
+    ticks = []
+    with open_checkpoint(tmp_path) as ckpt:
+        for layer, x in enumerate(sorted(ckpt.moe, key=lambda x: x.layer)):
+            host = _load.read_layer(ckpt, x, progress=ticks.append)
+            want = stacked(tensors, naming, layer, e)
+            for name, got, w in zip(NAMES, host.arrays, want):
+                assert got.dtype == np.uint8 and got.shape == w.shape, name
+                np.testing.assert_array_equal(got, w, err_msg=name)
+            assert host.nbytes == sum(w.nbytes for w in want)
+    assert sum(ticks) == 2 * host.nbytes
+
+
+def test_a_prepared_checkpoint_is_read_in_one_piece_per_array(tmp_path, rng):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_checkpoint(src, layers=1, experts=6, seed=_seed(rng))
+    _convert.convert(src, dst, progress=False)
+    with open_checkpoint(dst) as ckpt:
+        layer = ckpt.moe[0]
+        shapes = layer.spec.shapes(padded=False)
+        # stacked tensors: the experts' bytes follow each other in the file and the buffer
+        assert len(_load._plan(ckpt, layer, shapes, range(6))) == 4
+        assert len(_load._plan(ckpt, layer, shapes, [0, 1, 4, 5])) == 8
+        host = _load.read_layer(ckpt, layer)
+        for name, got in zip(NAMES, host.arrays):
+            assert got.tobytes() == ckpt.read(f"{layer.prefix}.{name}").tobytes(), name
+
+
+def test_large_pieces_are_cut_into_tasks(tmp_path, rng, monkeypatch):
+    # pieces larger than TASK_BYTES are read by several threads; the bytes are the same
+    monkeypatch.setattr(_load, "TASK_BYTES", 1000)
+    tensors = write_checkpoint(tmp_path, layers=1, experts=3, seed=_seed(rng))
+    with open_checkpoint(tmp_path) as ckpt:
+        tasks = _load._tasks(_load._plan(ckpt, ckpt.moe[0], ckpt.moe[0].spec.shapes(
+            padded=False), range(3)))
+        assert len(tasks) > 50 and all(sum(p[4] for p in t) <= 2000 for t in tasks)
+        host = _load.read_layer(ckpt, ckpt.moe[0])
+    for name, got, w in zip(NAMES, host.arrays, stacked(tensors, "qwen3", 0, 3)):
+        np.testing.assert_array_equal(got, w, err_msg=name)
+
+
+@pytest.mark.parametrize("experts", [2, 16])
+def test_one_transfer_per_array_whatever_the_experts(tmp_path, rng, puts, experts):
+    layers = 2
+    write_checkpoint(tmp_path, layers=layers, experts=experts, seed=_seed(rng))
+    params = jax_nvfp4.load(tmp_path, prepare=False)
+    shapes = [x.shape for x in params["model"]["layers"]["0"]["mlp"]["experts"].values()][:4]
+    assert len(puts) == 4 * layers  # not 4 x E
+    assert [s for s, _, _ in puts] == shapes * layers
+    assert [str(d) for _, d, _ in puts] == ["uint8", "float8_e4m3fn"] * 2 * layers
+
+
+def test_sharded_one_transfer_per_array_and_device(tmp_path, rng, puts):
+    write_checkpoint(tmp_path, layers=1, experts=8, seed=_seed(rng))
+    devices = jax.devices("cpu")[:4]
+    s = NamedSharding(Mesh(np.array(devices), ("expert",)), P("expert"))
+    moe = jax_nvfp4.load(tmp_path, prepare=False, sharding=s)["model"]["layers"]["0"]["mlp"][
+        "experts"]
+    assert len(puts) == 4 * 4
+    assert all(shape[0] == 2 for shape, _, _ in puts)  # each device, its two experts
+    assert sorted(d.id for _, _, d in puts) == sorted(d.id for d in devices for _ in NAMES)
+    assert all(moe[n].sharding == s for n in NAMES)
+
+
+def _compiled_programs(caplog, fn):
+    """The 'Compiling ...' log lines of every XLA program compiled while ``fn`` runs."""
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        caplog.clear()
+        fn()
+    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_no_program_touches_the_layer_before_prepare(tmp_path, rng, caplog):
+    # The old loader compiled a dynamic_update_slice into the whole layer buffer (run once
+    # per expert; on CPU XLA converted the whole float8 buffer to f16 and back for each).
+    # Now no program sees a layer-sized array until prepare_layer's own.
+    e, h, i = 7, 384, 80  # shapes no other test compiles
+    write_checkpoint(tmp_path, layers=2, experts=e, hidden=h, intermediate=i, seed=_seed(rng))
+    sizes = [f"[{e},{2 * i},{h // 2}]", f"[{e},{2 * i},{h // 16}]", f"[{e},{h},{i // 2}]",
+             f"[{e},{h},{i // 16}]"]
+    logs = _compiled_programs(caplog, lambda: jax.block_until_ready(
+        jax_nvfp4.load(tmp_path, prepare=False)))
+    assert not [m for m in logs if any(s in m for s in sizes)], logs
+    # ... prepare=True compiles prepare_layer's program once, for both layers
+    logs = _compiled_programs(caplog, lambda: jax.block_until_ready(jax_nvfp4.load(tmp_path)))
+    touching = [m for m in logs if any(s in m for s in sizes)]
+    assert len(touching) == 1, logs  # prepare_layer's program (jit(program))
+
+
+def test_a_broken_scale_refuses_convert_before_anything_is_written(tmp_path, rng):
+    src, dst = tmp_path / "src", tmp_path / "out" / "dst"
+    tensors = write_checkpoint(src, layers=3, experts=3, seed=_seed(rng))
+    bad = f"{prefix('qwen3', 2)}.1.down_proj.input_scale"  # the last layer
+    rewrite(src, tensors, {bad: np.zeros((), np.float32)})
+    with pytest.raises(CheckpointError, match=rf"{bad}.*not a positive finite scale"):
+        _convert.convert(src, dst, progress=False)
+    assert not (tmp_path / "out").exists()  # no directory, lock or partial
+    r = cli("convert", str(src), str(dst))
+    assert r.returncode == 2 and bad in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_reads_the_next_layer_while_writing(tmp_path, rng, monkeypatch):
+    src, ref = tmp_path / "src", tmp_path / "ref"
+    write_checkpoint(src, layers=3, experts=2, seed=_seed(rng))
+    _convert.convert(src, ref, progress=False)
+    seen, real = [], _convert.read_layer
+
+    def spy(ckpt, layer, **kw):
+        seen.append((layer.layer, threading.current_thread().name))
+        return real(ckpt, layer, **kw)
+
+    monkeypatch.setattr(_convert, "read_layer", spy)
+    _convert.convert(src, tmp_path / "dst", progress=False)
+    assert [x for x, _ in seen] == [0, 1, 2]  # layer 0 while the non-layer shard is written
+    assert all(name.startswith("jax_nvfp4-read-ahead") for _, name in seen), seen
+    for f in ref.iterdir():
+        assert (tmp_path / "dst" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_a_read_error_ahead_is_raised_when_its_layer_is_due(tmp_path, rng, monkeypatch,
+                                                            capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_checkpoint(src, layers=3, experts=2, seed=_seed(rng))
+    real = _convert.read_layer
+
+    def failing(ckpt, layer, **kw):
+        if layer.layer == 2:
+            raise OSError(errno.EIO, "Input/output error", str(ckpt.path / "x.safetensors"))
+        return real(ckpt, layer, **kw)
+
+    monkeypatch.setattr(_convert, "read_layer", failing)
+    with pytest.raises(_convert.ConvertError, match=r"Input/output error.*x\.safetensors.*"
+                                                    r"3 of 4 shards done"):
+        _convert.convert(src, dst, progress=False)
+    assert len(json.loads((_convert.partial_dir(dst) / _convert.MANIFEST).read_text())[
+        "shards"]) == 3  # the shard written while it was read ahead is kept
+    monkeypatch.undo()
+    assert _convert.convert(src, dst, progress=False)["reused_shards"] == 3
+
+
+def test_a_shard_cut_short_after_opening_is_named(tmp_path, rng):
+    write_checkpoint(tmp_path, layers=1, experts=2, shards=1, seed=_seed(rng))
+    with open_checkpoint(tmp_path) as ckpt:
+        f = next(tmp_path.glob("*.safetensors"))
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+        with pytest.raises(CheckpointError, match=rf"{f}: cut short at byte .*truncated"):
+            _load.read_layer(ckpt, ckpt.moe[0])
+
+
+def test_loaded_bytes_are_unchanged(tmp_path, rng):
+    # the fast path gives what prepare_layer gives on the stacked experts, sharded or not
+    tensors = write_checkpoint(tmp_path, layers=1, experts=4, seed=_seed(rng))
+    want = jax_nvfp4.prepare_layer(*stacked(tensors, "qwen3", 0, 4))
+    s = NamedSharding(Mesh(np.array(jax.devices("cpu")[:2]), ("expert",)), P("expert"))
+    for sharding in (None, s):
+        moe = jax_nvfp4.load(tmp_path, sharding=sharding)["model"]["layers"]["0"][MOE["qwen3"]][
+            "experts"]
+        for name, w in zip(NAMES, want):
+            assert np.asarray(moe[name]).tobytes() == np.asarray(w).tobytes(), name
+
+
+def test_bench_io_reports_the_ratios(tmp_path):
+    out = tmp_path / "r.json"
+    r = cli("bench-io", "--experts", "4", "--layers", "2", "--hidden", "256",
+            "--intermediate", "64", "--repeats", "1", "--tmp", str(tmp_path), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    for s in ("safetensors read", "safetensors read + write", "x read", "x read+write", "GB/s"):
+        assert s in r.stdout, r.stdout
+    res = json.loads(out.read_text())
+    assert res["bytes"] > 0 and res["moe_layers"] == 2
+    assert res["load_over_read"] > 0 and res["convert_over_read_write"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # temporaries removed
