@@ -2,7 +2,7 @@
 
 Each decoder layer becomes one output shard: its MoE layers loaded and
 prepared on the default device by the loader's machinery, its other tensors
-copied unchanged. While a shard is written the next one's MoE layers are read
+copied unchanged. While a shard is written the next one's tensors are read
 (:class:`_ReadAhead`), so the host holds one layer's output and the next
 layer's input at a time. Every layer's scale values are checked before
 anything is written.
@@ -52,7 +52,7 @@ from . import __version__
 from ._checkpoint import FORMAT, INDEX, LAYOUT, PREPARED_JSON, SINGLE, open_checkpoint
 from ._cli import Interrupted, UserError
 from ._fslock import FileLock, LockHeld, describe
-from ._load import load_layer, read_layer
+from ._load import load_layer, read_layer, read_tensors
 
 MANIFEST = ".jax_nvfp4-convert.json"  # in the partial directory; removed before the rename
 # Test hook (tests/test_convert_faults.py), comma-separated: "kill@shard:K", "term@shard:K",
@@ -199,7 +199,7 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                 f"(lock {e.path}); wait for it to finish or stop it") from None
         except OSError as e:
             raise ConvertError(_io_message(e, where)) from None
-        manifest, reads, ahead = None, [0], _ReadAhead(ckpt)
+        manifest, reads, ahead = None, [0], _ReadAhead()
         try:
             _check_dst(dst, overwrite)  # again, now that no other conversion can write it
             manifest, done = _resume(tmp, dst, key, lock.previous, log, where)
@@ -214,22 +214,25 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                 for k, (file, (_, moe, names)) in enumerate(zip(files, groups)):
                     if (rec := done.get(file)) is None:
                         before = reads[0]
-                        tensors = {}
-                        for name in names:
-                            where("reading", ckpt.file(name))
-                            tensors[name] = ckpt.read(name)
-                            tick(tensors[name].nbytes)
+                        where("reading", ckpt.path)
+                        if (ready := ahead.take(file)) is not None:
+                            tensors = ready.result()
+                            tick(sum(x.nbytes for x in tensors.values()))
+                        else:
+                            tensors = read_tensors(ckpt, names, progress=tick)
                         for layer in moe:
                             where("reading", ckpt.path)
                             arrays = load_layer(ckpt, layer, prepare=True, progress=tick,
-                                                host=ahead.take(layer))
+                                                host=ahead.take(layer.prefix))
                             tensors.update((f"{layer.prefix}.{n}", np.asarray(x))
                                            for n, x in arrays.items())
                             del arrays
-                        # the next shard's MoE layers are read while this one is written
-                        for later in next((g[1] for f, g in zip(files[k + 1:], groups[k + 1:])
-                                           if f not in done), []):
-                            ahead.start(later)
+                        # the next shard's tensors are read while this one is written
+                        if (nxt := next(((f, g) for f, g in zip(files[k + 1:], groups[k + 1:])
+                                         if f not in done), None)) is not None:
+                            ahead.start(nxt[0], read_tensors, ckpt, nxt[1][2])
+                            for later in nxt[1][1]:
+                                ahead.start(later.prefix, read_layer, ckpt, later)
                         rec = _write_shard(tensors, tmp / file, metadata, k + 1, where)
                         rec.update(tensors=sorted(tensors), read=reads[0] - before,
                                    nbytes=sum(x.nbytes for x in tensors.values()))
@@ -250,7 +253,7 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
             _write_json(tmp / PREPARED_JSON,
                         {"format": FORMAT, "layout": LAYOUT, "jax_nvfp4_version": __version__,
                          "source": str(src.resolve()), "naming": ckpt.naming,
-                         "gated": True,
+                         "gated": all(x.gated for x in ckpt.moe),
                          "moe_layers": layers}, where)
             for f in sorted(src.iterdir()):  # config, tokenizer, ... (the shards were rewritten)
                 if f.is_file() and f.suffix != ".safetensors" and f.name not in (INDEX, SINGLE):
@@ -286,24 +289,24 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
 
 
 class _ReadAhead:
-    """MoE layers read into host buffers on a background thread, taken in order.
+    """The next shard's tensors read on a background thread while one is written.
 
-    At most the layers of one shard are read ahead, so the host holds the shard being
-    written and the next one's MoE layers. Reading has no effect on the output: an
-    error in it is raised when the layer is taken; on close nothing is left running.
+    At most one shard is read ahead, so the host holds the shard being written and the
+    next one's inputs. Reading has no effect on the output: an error in it is raised
+    when its tensors are taken; on close nothing is left running.
     """
 
-    def __init__(self, ckpt):
-        self.ckpt, self.pending, self.pool = ckpt, {}, None
+    def __init__(self):
+        self.pending, self.pool = {}, None
 
-    def start(self, layer):
+    def start(self, key, fn, *args):
         if self.pool is None:
             self.pool = concurrent.futures.ThreadPoolExecutor(1, "jax_nvfp4-read-ahead")
-        self.pending[layer.prefix] = self.pool.submit(read_layer, self.ckpt, layer)
+        self.pending[key] = self.pool.submit(fn, *args)
 
-    def take(self, layer):
-        """The future of ``layer``'s :class:`HostLayer`, or None if it was not read ahead."""
-        return self.pending.pop(layer.prefix, None)
+    def take(self, key):
+        """The future of what was started under ``key``, or None."""
+        return self.pending.pop(key, None)
 
     def close(self):
         for f in self.pending.values():
@@ -483,6 +486,7 @@ def _write_shard(tensors: dict, path: Path, metadata, k, where) -> dict:
     header, order = _header(tensors, metadata)
     part = path.with_name(path.name + ".incomplete")
     h, size = hashlib.sha256(header), len(header)
+    hashed = None  # the block being hashed on the hasher thread while the next is written
     where("writing", part)
     try:
         with open(part, "wb") as f:
@@ -492,19 +496,36 @@ def _write_shard(tensors: dict, path: Path, metadata, k, where) -> dict:
                 for s in range(0, data.size, _CHUNK):
                     block = data[s:s + _CHUNK].data
                     f.write(block)
-                    h.update(block)
+                    if hashed is not None:
+                        hashed.result()  # in order: one update at a time
+                    hashed = _hasher().submit(h.update, block)
                 size += data.size
                 if i == len(order) // 2 and k is not None:
                     _fault("write", k)
             f.flush()
             os.fsync(f.fileno())
+        if hashed is not None:
+            hashed.result()
     except BaseException:
+        if hashed is not None:
+            concurrent.futures.wait([hashed])
         part.unlink(missing_ok=True)  # half a shard is of no use; free its space (disk full)
         raise
     os.chmod(part, 0o666 & ~_umask())  # like the copied files
     where("renaming", f"{part} to {path}")
     os.replace(part, path)
     return {"size": size, "sha256": h.hexdigest()}
+
+
+_hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _hasher() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread hashing written blocks (hashlib drops the GIL), overlapping the writes."""
+    global _hash_pool
+    if _hash_pool is None:
+        _hash_pool = concurrent.futures.ThreadPoolExecutor(1, "jax_nvfp4-sha256")
+    return _hash_pool
 
 
 def _fault(point: str, k: int | None = None):

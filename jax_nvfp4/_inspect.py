@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checkpoint import CheckpointError, _ranges, open_checkpoint
+from ._checkpoint import FAMILIES, CheckpointError, _config_count, _ranges, open_checkpoint
 
 
 def configure(p):
@@ -27,8 +27,8 @@ def describe(path) -> str:
         lines = [
             f"checkpoint: {path}",
             f"  prepared: {prepared}",
-            f"  quantization: {ckpt.quant.get('quant_algo')}, "
-            f"group size {ckpt.quant.get('group_size', 16)}",
+            f"  quantization: {_quant(ckpt.quant)}",
+            f"  family: {_family(ckpt)}",
             f"  naming: {naming}",
             f"  shards: {len(ckpt.shards)}, tensors: {len(ckpt.weight_map)}, "
             f"{nbytes / 2**20:,.1f} MiB",
@@ -37,14 +37,16 @@ def describe(path) -> str:
         shapes: dict = {}
         for layer in ckpt.moe:
             key = (layer.spec.experts, layer.hidden, layer.padded_hidden, layer.intermediate,
-                   layer.padded_intermediate)
+                   layer.padded_intermediate, layer.gated)
             shapes.setdefault(key, []).append(layer.layer)
-        for (e, h, hp, i, ip), idx in shapes.items():
+        for (e, h, hp, i, ip, gated), idx in shapes.items():
             hpad = f" (padded to {hp})" if hp != h else ""
             ipad = f" (padded to {ip})" if ip != i else ""
             where = _ranges(sorted(x for x in idx if x is not None))
             lines.append(f"    layers {where}: experts E={e}, hidden H={h}{hpad}, "
-                         f"intermediate I={i}{ipad}")
+                         f"intermediate I={i}{ipad}, "
+                         + ("gated (w13 = [up; gate])" if gated
+                            else "not gated (ReLU^2: w13 = up only)"))
         if ckpt.moe:
             lines.append("  scales (a1, a2: max w13 / w2 input_scale over the experts):")
         for layer in ckpt.moe:
@@ -53,15 +55,35 @@ def describe(path) -> str:
     return "\n".join(lines)
 
 
+def _quant(q: dict) -> str:
+    if q.get("quant_algo") == "MIXED_PRECISION":
+        algos = sorted({str(v.get("quant_algo")) for v in q["quantized_layers"].values()
+                        if isinstance(v, dict)})
+        return (f"MIXED_PRECISION ({len(q['quantized_layers'])} modules in quantized_layers: "
+                f"{', '.join(algos)}; MoE experts NVFP4, group size 16)")
+    return f"{q.get('quant_algo')}, group size {q.get('group_size', 16)}"
+
+
+def _family(ckpt) -> str:
+    """The model family from config.json (``model_type``) and its stated expert count."""
+    t = ckpt.family
+    out = f"{FAMILIES.get(t, t)} (model_type {t!r})" if t else "unknown (no config.json model_type)"
+    field, n = _config_count(ckpt.config)
+    return out + (f", config {field} = {n}" if field else "")
+
+
 def _scales(ckpt, layer) -> str:
     try:
         s = ckpt.scales(layer)
     except CheckpointError as e:
         return f"broken: {e}"
     ws2 = s["w13_weight_scale_2"]
-    differ = int((ws2[:, 0] != ws2[:, 1]).sum())
-    gate_up = (f"gate/up weight_scale_2 differ in {differ} of {len(ws2)} experts" if differ
-               else "gate/up weight_scale_2 equal")
+    if ws2.ndim == 1:
+        gate_up = "not gated (up weight_scale_2 only)"
+    else:
+        differ = int((ws2[:, 0] != ws2[:, 1]).sum())
+        gate_up = (f"gate/up weight_scale_2 differ in {differ} of {len(ws2)} experts" if differ
+                   else "gate/up weight_scale_2 equal")
     out = (f"a1={np.max(s['w13_input_scale']):.6g}, a2={np.max(s['w2_input_scale']):.6g}, "
            f"{gate_up}")
     if layer.prepared and not layer.kernel_stored:

@@ -11,43 +11,81 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jax_nvfp4._checkpoint import INDEX, NAMINGS
+from jax_nvfp4.testing import FAMILIES, experts_prefix
 
 MOE = {"qwen3": "mlp", "mixtral": "block_sparse_moe"}
+GATED = {n: NAMINGS[FAMILIES[n]["naming"]][0] is not None for n in FAMILIES}
 
 
 def prefix(naming: str, layer: int) -> str:
-    return f"model.layers.{layer}.{MOE[naming]}.experts"
+    return experts_prefix(naming, layer)
+
+
+def experts_of(params: dict, naming: str, layer: int):
+    """The loaded experts mapping of ``layer`` in nested ``params`` (by the dotted prefix)."""
+    node = params
+    for key in prefix(naming, layer).split("."):
+        node = node[key]
+    return node
+
+
+def _rows(x: np.ndarray, i: int, axis: int) -> np.ndarray:
+    """Fused rows ``[gate; up]`` (HF/vLLM order) to the kernel's ``[up; gate]``."""
+    gate, up = np.split(x, [i], axis=axis)
+    return np.concatenate([up, gate], axis=axis)
 
 
 def stacked(tensors: dict, naming: str, layer: int, experts: int) -> list[np.ndarray]:
-    """``[w13 (rows [up; gate]), w13 scale, w2, w2 scale]`` stacked from the experts, as uint8."""
-    gate, up, down = NAMINGS[naming]
+    """``[w13 (rows [up; gate], or up alone), w13 scale, w2, w2 scale]`` stacked from the
+    experts' raw tensors, as uint8 (written apart from jax_nvfp4's MoELayer.parts)."""
+    gate, up, down = NAMINGS[FAMILIES[naming]["naming"]]
     p = prefix(naming, layer)
+    sfx = {"weight": "", "weight_scale": "_weight_scale"}
 
     def get(e, proj, field):
         return tensors[f"{p}.{e}.{proj}.{field}"].view(np.uint8)
 
     def w13(field):
+        if naming == "gate_up_stacked":
+            x = tensors[f"{p}.gate_up_proj{sfx[field]}"].view(np.uint8)
+            return _rows(x, x.shape[1] // 2, axis=1)
+        if naming == "gate_up":
+            return np.stack([_rows(get(e, "gate_up_proj", field),
+                                   get(e, "gate_up_proj", field).shape[0] // 2, 0)
+                             for e in range(experts)])
+        if gate is None:
+            return np.stack([get(e, up, field) for e in range(experts)])
         return np.stack([np.concatenate([get(e, up, field), get(e, gate, field)])
                          for e in range(experts)])
 
     def w2(field):
+        if naming == "gate_up_stacked":
+            return tensors[f"{p}.down_proj{sfx[field]}"].view(np.uint8)
         return np.stack([get(e, down, field) for e in range(experts)])
 
     return [w13("weight"), w13("weight_scale"), w2("weight"), w2("weight_scale")]
 
 
 def scalars(tensors: dict, naming: str, layer: int, experts: int) -> dict[str, np.ndarray]:
-    gate, up, down = NAMINGS[naming]
+    """The checkpoint scalars as load gives them: w13 ``[E, 2]`` (gate, up), or ``[E]``
+    (up's) when not gated; w2 ``[E]``."""
+    gate, up, down = NAMINGS[FAMILIES[naming]["naming"]]
     p = prefix(naming, layer)
 
     def col(proj, field):
+        if naming == "gate_up_stacked":
+            x = np.asarray(tensors[f"{p}.{proj}_{field}"], np.float32).reshape(-1)
+            return np.broadcast_to(x, (experts,)).astype(np.float32)
         return np.array([tensors[f"{p}.{e}.{proj}.{field}"] for e in range(experts)], np.float32)
 
-    return {"w13_weight_scale_2": np.stack([col(gate, "weight_scale_2"),
-                                            col(up, "weight_scale_2")], 1),
-            "w13_input_scale": np.stack([col(gate, "input_scale"), col(up, "input_scale")], 1),
-            "w2_weight_scale_2": col(down, "weight_scale_2"),
+    if gate is None:
+        w13 = {"w13_weight_scale_2": col(up, "weight_scale_2"),
+               "w13_input_scale": col(up, "input_scale")}
+    else:
+        w13 = {"w13_weight_scale_2": np.stack([col(gate, "weight_scale_2"),
+                                               col(up, "weight_scale_2")], 1),
+               "w13_input_scale": np.stack([col(gate, "input_scale"), col(up, "input_scale")], 1)}
+    return {**w13, "w2_weight_scale_2": col(down, "weight_scale_2"),
             "w2_input_scale": col(down, "input_scale")}
 
 
@@ -61,6 +99,11 @@ def kernel_reference(tensors: dict, naming: str, layer: int, experts: int) -> di
     s = scalars(tensors, naming, layer, experts)
     f32 = np.float32
     a1, a2 = f32(s["w13_input_scale"].max()), f32(s["w2_input_scale"].max())
+    if not GATED[naming]:  # ReLU^2: GEMM1 dequantized before the activation, 1/a2 after
+        return {"output1_scale_scalar": np.full(experts, f32(1) / a2, f32),
+                "output1_scale_gate_scalar": a1 * s["w13_weight_scale_2"],
+                "output2_scale_scalar": a2 * s["w2_weight_scale_2"],
+                "hidden_states_global_scale": np.asarray(f32(1) / a1)}
     gate, up = s["w13_weight_scale_2"][:, 0], s["w13_weight_scale_2"][:, 1]
     return {"output1_scale_scalar": (a1 * up) * (f32(1) / a2),
             "output1_scale_gate_scalar": a1 * gate,

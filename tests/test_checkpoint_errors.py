@@ -11,7 +11,7 @@ import pytest
 import jax_nvfp4
 from jax_nvfp4 import _cli, _load
 from jax_nvfp4._checkpoint import INDEX
-from jax_nvfp4.testing import write_checkpoint
+from jax_nvfp4.testing import experts_prefix, write_checkpoint
 from ckpt_helpers import cli, rewrite, shard_of
 
 P = "model.layers.1.mlp.experts"
@@ -115,3 +115,77 @@ def test_not_a_checkpoint(tmp_path):
         jax_nvfp4.load(tmp_path)
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         jax_nvfp4.load(tmp_path / "nope")
+
+
+# -- the expert count: config.json and the router say E; the index must hold all E ----------
+
+COUNT_FIELD = {"qwen3": "num_experts", "nemotron_h": "n_routed_experts",
+               "minimax_m2": "num_local_experts", "gemma4": "text_config.num_experts",
+               "gate_up": "num_experts"}
+
+
+@pytest.mark.parametrize("naming", sorted(COUNT_FIELD))
+def test_missing_last_expert_is_refused(tmp_path, rng, capsys, naming):
+    # Every tensor of layer 1's last expert gone from the index (and its shards): loading
+    # would give E = 3 while the config and the router say 4. That is data loss.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tensors = write_checkpoint(src, naming=naming, layers=2, experts=4,
+                               seed=int(rng.integers(2**31)))
+    p = experts_prefix(naming, 1)
+    gone = {n: None for n in tensors if n.startswith(f"{p}.3.")}
+    assert len(gone) >= 8
+    rewrite(src, tensors, gone, index=True)
+    with pytest.raises(ValueError) as info:
+        jax_nvfp4.load(src)
+    msg = str(info.value)
+    router = {"gemma4": "router.proj.weight"}.get(naming, "gate.weight")
+    for pat in (f"layer 1 ({p})", "no tensors for expert 3", f"{COUNT_FIELD[naming]} = 4",
+                "has 4 rows", router, "the index has experts 0-2", "refusing to load 3 of 4"):
+        assert pat in msg, (pat, msg)
+    assert _cli.main(["convert", "--quiet", str(src), str(dst)]) == 2
+    assert msg in capsys.readouterr().err and not dst.exists()
+
+
+def test_stacked_experts_fewer_than_the_config(tmp_path, rng):
+    tensors = write_checkpoint(tmp_path, naming="gate_up_stacked", layers=1, experts=4,
+                               seed=int(rng.integers(2**31)))
+    p = experts_prefix("gate_up_stacked", 0)
+    cut = {n: tensors[n][:3] for n in tensors if n.startswith(p + ".") and tensors[n].ndim}
+    rewrite(tmp_path, tensors, cut)
+    with pytest.raises(ValueError, match=r"no tensors for expert 3 .*num_experts = 4.*holds 3 "):
+        jax_nvfp4.load(tmp_path)
+
+
+def test_expert_count_from_router_alone(tmp_path, rng):
+    # No count in config.json: the router's rows still catch the missing expert.
+    tensors = write_checkpoint(tmp_path, layers=1, experts=4, seed=int(rng.integers(2**31)))
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["num_experts"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    rewrite(tmp_path, tensors, {n: None for n in tensors if ".experts.3." in n}, index=True)
+    with pytest.raises(ValueError, match=r"no tensors for expert 3 \(router 'model.layers.0.mlp"
+                                         r".gate.weight' has 4 rows"):
+        jax_nvfp4.load(tmp_path)
+
+
+def test_expert_counts_that_disagree(tmp_path, rng):
+    write_checkpoint(tmp_path, layers=1, experts=4, seed=int(rng.integers(2**31)))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_experts"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"expert counts disagree: .*num_experts = 8; router "
+                                         r"'model.layers.0.mlp.gate.weight' has 4 rows"):
+        jax_nvfp4.load(tmp_path)
+
+
+def test_more_experts_than_the_config(tmp_path, rng):
+    write_checkpoint(tmp_path, layers=1, experts=4, seed=int(rng.integers(2**31)))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_experts"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    # (the router, 4 rows, disagrees too: drop it to see the count check on its own)
+    data = json.loads((tmp_path / INDEX).read_text())
+    del data["weight_map"]["model.layers.0.mlp.gate.weight"]
+    (tmp_path / INDEX).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"expert 3 beyond 3 \(.*num_experts = 3"):
+        jax_nvfp4.load(tmp_path)
