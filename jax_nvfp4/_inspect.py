@@ -69,7 +69,13 @@ def _family(ckpt) -> str:
     t = ckpt.family
     out = f"{FAMILIES.get(t, t)} (model_type {t!r})" if t else "unknown (no config.json model_type)"
     field, n = _config_count(ckpt.config)
-    return out + (f", config {field} = {n}" if field else "")
+    out += f", config {field} = {n}" if field else ""
+    text = ckpt.config.get("text_config")
+    for c in (ckpt.config, text if isinstance(text, dict) else {}):
+        for key in ("mlp_hidden_act", "hidden_activation", "hidden_act"):  # the experts' act
+            if isinstance(c.get(key), str):
+                return out + f", activation {c[key]} ({key})"
+    return out
 
 
 def _scales(ckpt, layer) -> str:

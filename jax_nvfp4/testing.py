@@ -302,6 +302,8 @@ def write_checkpoint(path, *, naming: str = "qwen3", layers: int = 2, experts: i
                                  "hidden_activation": "gelu_pytorch_tanh"}
     else:
         config.update(sizes[fam["model_type"]], **text)
+        if naming != "nemotron_h":
+            config["hidden_act"] = "silu"
     config.update({"torch_dtype": "bfloat16",
                    "quantization_config": {"quant_method": "modelopt", **quant}})
     (path / "config.json").write_text(json.dumps(config, indent=2))

@@ -145,7 +145,10 @@ def test_inspect_shows_family_and_gating(tmp_path, rng, family):
              "gate_up": "Qwen3-MoE", "gate_up_stacked": "Qwen3-MoE"}[family]
     field = {"nemotron_h": "n_routed_experts", "minimax_m2": "num_local_experts",
              "gemma4": "text_config.num_experts"}.get(family, "num_experts")
-    assert f"family: {label} (model_type '{FAMILIES[family][1]}'), config {field} = 3" in text
+    act = {"nemotron_h": "relu2 (mlp_hidden_act)",
+           "gemma4": "gelu_pytorch_tanh (hidden_activation)"}.get(family, "silu (hidden_act)")
+    assert (f"family: {label} (model_type '{FAMILIES[family][1]}'), config {field} = 3, "
+            f"activation {act}") in text, text
     assert f"naming: {FAMILIES[family][0]}" in text
     gating = ("not gated (ReLU^2: w13 = up only)" if family == "nemotron_h"
               else "gated (w13 = [up; gate])")
