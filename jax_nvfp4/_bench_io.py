@@ -7,7 +7,7 @@ and compiles: the time safetensors itself needs to read every tensor of the shar
 through torch's reader, materialized), the same plus writing them back
 (``safetensors.torch.save_file`` and fsync), the raw read of the files (one
 thread, like ``cat``), ``load`` (MoE layers prepared, every
-array ready on device) and ``convert`` (written and fsynced). Ratios: load /
+array ready on device; and with ``prepare=False``) and ``convert`` (written and fsynced). Ratios: load /
 read, convert / (read + write). Each time is the best of ``--repeats``.
 """
 
@@ -130,11 +130,11 @@ def _st_read_write(path: Path, out: Path) -> int:
     return n
 
 
-def _load(path: Path):
+def _load(path: Path, prepare=True):
     import jax
 
     import jax_nvfp4
-    params = jax_nvfp4.load(path)
+    params = jax_nvfp4.load(path, prepare=prepare)
     jax.block_until_ready(params)
     return params
 
@@ -185,15 +185,19 @@ def measure(path, *, repeats: int = 2, tmp=None, skip=(), log=print) -> dict:
             params = _load(path)  # compiles prepare_layer for these shapes
             del params
             res["load_s"], res["load_all_s"] = _best(lambda: _load(path), repeats)
+            res["load_raw_s"], res["load_raw_all_s"] = _best(
+                lambda: _load(path, prepare=False), repeats)
         res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     finally:
         shutil.rmtree(work, ignore_errors=True)
     r, rw = res["safetensors_read_s"], res["safetensors_read_write_s"]
     res["load_over_read"] = res["load_s"] / r if "load_s" in res else None
     res["load_over_raw_read"] = res["load_s"] / res["raw_read_s"] if "load_s" in res else None
+    res["load_raw_over_read"] = res["load_raw_s"] / r if "load_s" in res else None
     res["convert_over_read_write"] = res["convert_s"] / rw if "convert_s" in res else None
     gbs = {k: nbytes / res[k] / 1e9 for k in
-           ("raw_read_s", "safetensors_read_s", "safetensors_read_write_s", "load_s", "convert_s")
+           ("raw_read_s", "safetensors_read_s", "safetensors_read_write_s", "load_s", "load_raw_s",
+            "convert_s")
            if k in res}
     res["gb_per_s"] = gbs
     return res
@@ -217,6 +221,8 @@ def report(res: dict) -> str:
     row("load (prepared, on device)", "load_s",
         f"  = {res['load_over_read']:.2f}x read ({res['load_over_raw_read']:.2f}x raw)"
         if res.get("load_over_read") else "")
+    row("load (prepare=False)", "load_raw_s",
+        f"  = {res['load_raw_over_read']:.2f}x read" if res.get("load_raw_over_read") else "")
     row("convert (written, fsynced)", "convert_s",
         f"  = {res['convert_over_read_write']:.2f}x read+write"
         if res.get("convert_over_read_write") else "")

@@ -3,10 +3,11 @@
 Each MoE layer is assembled on the host, one preallocated numpy buffer per stacked
 array (float8 scales kept as bytes), filled straight from the shards with
 ``os.preadv`` by a small thread pool (adjacent pieces coalesced into one read), then
-sent to the device in one transfer per array (per device when sharded) and prepared
-in place. No program runs per expert, so the cost is linear in the bytes and flat in
-the number of experts. The host holds one layer's buffers at a time; the device
-holds the params loaded so far plus one layer's scratch.
+sent to the device in one transfer per array (per device when sharded; on CPU
+without a copy) and prepared in place (on CPU out of place, faster there). No
+program runs per expert, so the cost is linear in the bytes and flat in the number
+of experts. The host holds about one layer's buffers at a time; the device holds
+the params loaded so far plus one layer's scratch.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=Non
 
     The four weight arrays, the four checkpoint scalars and the four kernel scalars
     (:func:`kernel_scales`). ``prepare`` runs :func:`prepare_layer` on the filled
-    buffers (in place). A layer of a prepared checkpoint comes back as a
+    buffers (in place, except on CPU). A layer of a prepared checkpoint comes back as a
     :class:`PreparedLayer` with its arrays marked; prepared layers record the model's
     valid ``hidden_size`` and ``intermediate_size``. ``progress(nbytes)`` is called
     as the layer's bytes are read. ``host``: the layer already read by
@@ -250,7 +251,7 @@ def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=Non
         out = PreparedLayer(zip(NAMES, arrays), **sizes)
     elif prepare:
         out = PreparedLayer(zip(NAMES, prepare_layer(
-            *arrays, gated=layer.gated, hidden_alignment=layer.spec.hidden_alignment,
+            *arrays, gated=True, hidden_alignment=layer.spec.hidden_alignment,
             donate=_in_place(arrays))), **sizes)
     else:
         out = dict(zip(NAMES, arrays))
@@ -292,7 +293,9 @@ def load(path, *, prepare: bool = True, sharding=None, layers=None) -> dict:
         ``...block_sparse_moe.experts.{e}.{w1,w3,w2}``) is detected.
     prepare : bool, keyword-only
         Prepare each MoE layer for ``trtllm_fp4_block_scale_moe`` right after it is
-        loaded, in place (see :func:`prepare_layer`). With ``False`` the layers stay
+        loaded, in place on accelerators (see :func:`prepare_layer`; on CPU out of
+        place, which is faster there and needs the layer twice for a moment). With
+        ``False`` the layers stay
         in the checkpoint layout, ready for :func:`prepare`. A prepared checkpoint
         must be loaded with ``False``; its layers come back marked as prepared.
     sharding : jax.sharding.Sharding, optional, keyword-only
