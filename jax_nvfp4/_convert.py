@@ -253,7 +253,7 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
             _write_json(tmp / PREPARED_JSON,
                         {"format": FORMAT, "layout": LAYOUT, "jax_nvfp4_version": __version__,
                          "source": str(src.resolve()), "naming": ckpt.naming,
-                         "gated": True,
+                         "gated": all(x.gated for x in ckpt.moe),
                          "moe_layers": layers}, where)
             for f in sorted(src.iterdir()):  # config, tokenizer, ... (the shards were rewritten)
                 if f.is_file() and f.suffix != ".safetensors" and f.name not in (INDEX, SINGLE):

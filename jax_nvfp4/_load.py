@@ -251,7 +251,7 @@ def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=Non
         out = PreparedLayer(zip(NAMES, arrays), **sizes)
     elif prepare:
         out = PreparedLayer(zip(NAMES, prepare_layer(
-            *arrays, gated=True, hidden_alignment=layer.spec.hidden_alignment,
+            *arrays, gated=layer.gated, hidden_alignment=layer.spec.hidden_alignment,
             donate=_in_place(arrays))), **sizes)
     else:
         out = dict(zip(NAMES, arrays))
