@@ -520,6 +520,14 @@ def _write_shard(tensors: dict, path: Path, metadata, k, where) -> dict:
 _hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
+def _forget_hasher():  # a forked child has the pool object but not its thread
+    global _hash_pool
+    _hash_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_hasher)
+
+
 def _hasher() -> concurrent.futures.ThreadPoolExecutor:
     """One thread hashing written blocks (hashlib drops the GIL), overlapping the writes."""
     global _hash_pool

@@ -44,6 +44,14 @@ _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def _forget_pool():  # a forked child has the pool object but none of its threads
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _readers() -> concurrent.futures.ThreadPoolExecutor:
     global _pool
     with _pool_lock:

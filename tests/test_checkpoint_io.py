@@ -218,3 +218,30 @@ def test_bench_io_reports_the_ratios(tmp_path):
     assert res["bytes"] > 0 and res["moe_layers"] == 2
     assert res["load_over_read"] > 0 and res["convert_over_read_write"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # temporaries removed
+
+
+def test_a_forked_child_reads_with_its_own_threads(tmp_path, rng):
+    # the read pool's threads do not survive fork(); a child must not wait on them
+    import os
+    import select
+    import signal
+
+    tensors = write_checkpoint(tmp_path, layers=1, experts=2, seed=_seed(rng))
+    with open_checkpoint(tmp_path) as ckpt:
+        _load.read_layer(ckpt, ckpt.moe[0])  # the parent's pool exists now
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: read the layer again and report its bytes
+            try:
+                host = _load.read_layer(ckpt, ckpt.moe[0])
+                os.write(w, b"ok" if host.arrays[0].tobytes() == stacked(
+                    tensors, "qwen3", 0, 2)[0].tobytes() else b"bad")
+            finally:
+                os._exit(0)
+        os.close(w)
+        ready, _, _ = select.select([r], [], [], 20)  # a child stuck on dead threads: killed
+        got = os.read(r, 8) if ready else b"stuck"
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert got == b"ok"
