@@ -28,36 +28,54 @@ from ._cli import UserError
 from ._spec import LayerSpec
 from .testing import random_device_layer
 
+# name: (E, H, I, gated). Padded ones: Qwen3-30B TP8's I = 96 -> 128 (gated: each half a
+# multiple of 64), Nemotron-3-Nano's H = 2688 -> 2816 (hidden_alignment=256), I = 1856 -> 1920.
 SHAPES = {
-    "deepseek-v3": (256, 7168, 2048),
-    "deepseek-v3-tp8": (256, 7168, 256),
-    "deepseek-v3-ep8": (32, 7168, 2048),
-    "qwen3-30b-a3b": (128, 2048, 768),
+    "deepseek-v3": (256, 7168, 2048, True),
+    "deepseek-v3-tp8": (256, 7168, 256, True),
+    "deepseek-v3-ep8": (32, 7168, 2048, True),
+    "kimi-k2": (384, 7168, 2048, True),
+    "qwen3-30b-a3b": (128, 2048, 768, True),
+    "qwen3-30b-a3b-tp8": (128, 2048, 96, True),
+    "nemotron-3-nano": (128, 2688, 1856, False),
 }
-CPU_SHAPES = {"cpu-small": (8, 256, 128), "cpu-tp": (16, 512, 64)}
+CPU_SHAPES = {"cpu-small": (8, 256, 128, True), "cpu-tp": (16, 512, 64, True),
+              "cpu-padded": (8, 384, 96, True), "cpu-not-gated": (8, 384, 192, False)}
 NAMES4 = ("w13", "w13_scale", "w2", "w2_scale")
 
 
 def configure(p):
     p.add_argument("--shape", action="append", default=None,
-                   help=f"a shape name ({', '.join(SHAPES)}) or E,H,I; repeatable "
-                        "(default: all four)")
+                   help=f"a shape name ({', '.join(SHAPES)}) or E,H,I (gated) or E,H,I,ng "
+                        "(not gated); repeatable (default: all of them)")
     p.add_argument("--cpu", action="store_true",
                    help="small shapes, few repeats: a smoke run for CPU/CI")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; 2 --cpu)")
     p.add_argument("--no-torch", dest="torch", action="store_false",
                    help="skip the torch baselines")
+    p.add_argument("--model", action="append", default=None, metavar="NAME:LAYERS",
+                   help="also time prepare(params) over a whole model of LAYERS random layers "
+                        "of shape NAME (donated, in one call), e.g. qwen3-30b-a3b:48")
+    p.add_argument("--skip", action="append", default=[], metavar="BACKEND",
+                   help="leave a jax_nvfp4 backend out (e.g. flashinfer); repeatable")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out-dir", default=None,
+                   help="write JSON and a copy of the table to DIR/<card>-<date>-<commit>.json/.md")
 
 
 def _parse_shape(s: str):
     if s in SHAPES or s in CPU_SHAPES:
         return s, {**SHAPES, **CPU_SHAPES}[s]
+    parts = s.split(",")
+    gated = not (len(parts) == 4 and parts[3] == "ng")
     try:
-        e, h, i = (int(v) for v in s.split(","))
+        if len(parts) not in (3, 4) or (len(parts) == 4 and gated):
+            raise ValueError
+        e, h, i = (int(v) for v in parts[:3])
     except ValueError:
-        raise UserError(f"--shape {s!r}: expected one of {list(SHAPES)} or E,H,I") from None
-    return f"{e},{h},{i}", (e, h, i)
+        raise UserError(f"--shape {s!r}: expected one of {list(SHAPES)} or E,H,I or "
+                        "E,H,I,ng") from None
+    return s, (e, h, i, gated)
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -171,35 +189,62 @@ def _equal(a, b):
     return jnp.array_equal(_as_u8(a), _as_u8(b))
 
 
+def pad_layer(spec: LayerSpec, layer):
+    """The layer's bytes zero-padded to ``spec.shapes(padded=True)`` as vLLM 0.33 pads
+    (``align_fp4_moe_hidden_dim_for_fi``, ``align_fp4_moe_weights_for_fi``): each half of
+    gated w13 gets zero rows up to ``padded_i``, w2 zero columns; w13 zero columns and w2
+    zero rows up to ``padded_h``. Written with ``jnp.pad``, apart from ``_layout``'s."""
+    e, i = spec.experts, spec.intermediate
+    ip, hp = spec.padded_i, spec.padded_h
+
+    def rows13(x):
+        if spec.gated:
+            x = x.reshape(e, 2, i, x.shape[-1])
+            return jnp.pad(x, ((0, 0), (0, 0), (0, ip - i), (0, 0))).reshape(e, 2 * ip, -1)
+        return jnp.pad(x, ((0, 0), (0, ip - i), (0, 0)))
+
+    def cols(x, c):
+        return jnp.pad(x, ((0, 0), (0, 0), (0, c - x.shape[2])))
+
+    def rows(x, r):
+        return jnp.pad(x, ((0, 0), (0, r - x.shape[1]), (0, 0)))
+
+    w13, s13, w2, s2 = (_as_u8(x) for x in layer)
+    return [cols(rows13(w13), hp // 2), cols(rows13(s13), hp // 16),
+            rows(cols(w2, ip // 2), hp), rows(cols(s2, ip // 16), hp)]
+
+
 class Reference:
-    """The prepared layer from the reference's index formulas, computed on the device once."""
+    """The prepared layer from the reference's index formulas, computed on the device once
+    (on the zero-padded bytes where the layer needs padding)."""
 
     def __init__(self, spec: LayerSpec, layer):
-        if spec.needs_padding:
-            raise UserError(f"bench shapes must not need padding (H={spec.hidden}: a multiple "
-                            f"of {spec.hidden_alignment}; I={spec.intermediate}: of "
-                            f"{64 if spec.gated else 128})")
         self.spec = spec
-        p13 = _reference.w13_row_index(spec.shapes(padded=False)[0][1], gated=spec.gated)
-        p2 = _reference.shuffle_index(spec.hidden)
+        padded = LayerSpec(spec.experts, spec.padded_h, spec.padded_i, spec.gated)
+        p13 = _reference.w13_row_index(padded.shapes(padded=False)[0][1], gated=spec.gated)
+        p2 = _reference.shuffle_index(padded.hidden)
 
         def rows(x, p):
-            return jnp.take(_as_u8(x), jnp.asarray(p), axis=1)
+            return jnp.take(x, jnp.asarray(p), axis=1)
 
         def swz(x):
             e, r, c = x.shape
             return jnp.take(x.reshape(e, -1), jnp.asarray(_swizzle_index(r, c)),
                             axis=1).reshape(e, r, c)
 
-        f = jax.jit(lambda w13, s13, w2, s2: (rows(w13, p13), swz(rows(s13, p13)),
-                                              rows(w2, p2), swz(rows(s2, p2))))
+        @jax.jit
+        def f(*layer):
+            w13, s13, w2, s2 = pad_layer(spec, layer)
+            return rows(w13, p13), swz(rows(s13, p13)), rows(w2, p2), swz(rows(s2, p2))
+
         self.out = jax.block_until_ready(f(*layer))
         # The device reference itself against the numpy reference, on a few experts.
         pick = np.unique(np.random.default_rng(0).integers(0, spec.experts, 3))
-        host = [np.asarray(_as_u8(x))[pick] for x in layer]
+        host = [np.asarray(x) for x in jax.jit(
+            lambda *l: [x[pick] for x in pad_layer(spec, l)])(*layer)]
         for name, d, w in zip(NAMES4, self.out,
                               _reference.prepare_layer(*host, gated=spec.gated)):
-            if not np.array_equal(np.asarray(d)[pick], w):
+            if not np.array_equal(np.asarray(d[pick]), w):
                 raise AssertionError(f"device reference disagrees with numpy on {name}")
 
     def check(self, outs, what: str) -> None:
@@ -254,40 +299,63 @@ def device_time(program, donate: bool, make_args, repeats: int):
 
 # --- implementations ---------------------------------------------------------------------------
 
-def _jax_rows(spec, layer, ref, repeats, device, label):
-    rows = []
-    backends = ["xla"]
+def _variants(device):
+    """``(label, backend, triton route)`` of every jax_nvfp4 implementation timed here."""
+    out = [("auto", "auto", None), ("xla", "xla", None)]
     if _triton.missing() is None and (device.platform == "gpu" or _triton.interpreting()):
-        backends.append("triton")
+        route = _triton.route()
+        out.append(("triton", "triton", route))
+        if route == "xla":  # the buffer_callback route beside it: the fixed cost it saves
+            out.append(("triton via buffer_callback", "triton", "callback"))
     if device.platform == "gpu" and _backends.flashinfer_missing() is None:
-        backends.append("flashinfer")
-    for backend in backends:
-        for donate in (True, False):
-            def make():
-                return [_copy(x) for x in layer] if donate else list(layer)
+        out.append(("flashinfer", "flashinfer", None))
+    return out
 
-            def call(*xs):
-                return _prepare.prepare_layer(*xs, backend=backend, donate=donate)
 
-            out = call(*make())
-            ref.check(out, f"jax_nvfp4 {backend} donate={donate}")
-            del out
-            samples = time_jax(call, make, repeats)
-            # Transient: polled peak over the inputs during one call, and XLA's own count.
-            args = jax.block_until_ready(make())
-            with _Poller(device) as poll:
-                jax.block_until_ready(call(*args))
-            del args
-            job = _prepare.plan_job(layer, gated=spec.gated, donate=donate, backend=backend,
-                                    chunk_bytes=None, inverse=False)
-            stats = job.program.lower(*layer).compile().memory_analysis()
-            gpu_ms = device_time(job.program, donate, make, repeats)
-            del job
-            analysed = stats.temp_size_in_bytes + stats.output_size_in_bytes \
-                - stats.alias_size_in_bytes
-            rows.append((f"jax_nvfp4 {backend} {'donated' if donate else 'not donated'}",
-                         _median_ms(samples), max(poll.extra, analysed), gpu_ms))
+def _jax_rows(spec, layer, ref, repeats, device, label, skip=()):
+    rows = []
+    for name, backend, route in _variants(device):
+        if backend in skip:
+            continue
+        saved = _triton.ROUTE
+        if route is not None:
+            _triton.ROUTE = route
+        try:
+            for donate in (True, False):
+                rows.append(_jax_row(spec, layer, ref, repeats, device, name, backend, donate))
+        finally:
+            _triton.ROUTE = saved
     return rows
+
+
+def _jax_row(spec, layer, ref, repeats, device, name, backend, donate):
+    def make():
+        return [_copy(x) for x in layer] if donate else list(layer)
+
+    def call(*xs):
+        return _prepare.prepare_layer(*xs, gated=spec.gated, backend=backend, donate=donate)
+
+    out = call(*make())
+    ref.check(out, f"jax_nvfp4 {name} donate={donate}")
+    del out
+    samples = time_jax(call, make, repeats)
+    # Transient: polled peak over the inputs during one call, and XLA's own count.
+    args = jax.block_until_ready(make())
+    with _Poller(device) as poll:
+        jax.block_until_ready(call(*args))
+    del args
+    job = _prepare.plan_job(layer, gated=spec.gated, donate=donate, backend=backend,
+                            chunk_bytes=None, inverse=False)
+    resolved = job.backend
+    stats = job.program.lower(*layer).compile().memory_analysis()
+    gpu_ms = device_time(job.program, donate, make, repeats)
+    del job
+    analysed = stats.temp_size_in_bytes + stats.output_size_in_bytes \
+        - stats.alias_size_in_bytes
+    impl = f"jax_nvfp4 {name} {'donated' if donate else 'not donated'}"
+    if backend == "auto":
+        impl += f" (-> {resolved})"
+    return (impl, _median_ms(samples), max(poll.extra, analysed), gpu_ms)
 
 
 def _torch_interleave(torch, device):
@@ -302,6 +370,23 @@ def _torch_interleave(torch, device):
     return interleave
 
 
+def _padded(torch, spec, unpadded, fn, src):
+    """``fn`` run on the zero-padded layer: each call pads ``unpadded`` into new zeroed
+    buffers first (as vLLM 0.33's ``align_fp4_moe_weights_for_fi``), kept in ``src``."""
+    e, i, ip = spec.experts, spec.intermediate, spec.padded_i
+
+    def call():
+        for k, (x, shape) in enumerate(zip(unpadded, spec.shapes(padded=True))):
+            out = torch.zeros(shape, dtype=torch.uint8, device=x.device)
+            if k < 2 and spec.gated:
+                out.view(e, 2, ip, -1)[:, :, :i, :x.shape[2]].copy_(x.view(e, 2, i, -1))
+            else:
+                out[:, :x.shape[1], :x.shape[2]].copy_(x)
+            src[k] = out
+        return fn()
+    return call
+
+
 def _torch_rows(spec, layer, ref, repeats):
     import torch
     from flashinfer.fused_moe import core as fi_core
@@ -310,6 +395,10 @@ def _torch_rows(spec, layer, ref, repeats):
     device = next(iter(layer[0].devices()))
     interleave = _torch_interleave(torch, device)
     src = [torch_bridge.to_torch(x) for x in layer]  # zero-copy uint8 views
+    unpadded = src
+    if spec.needs_padding:  # shapes for the permute indices (refilled by each call)
+        src = [torch.empty(s, dtype=torch.uint8, device=src[0].device)
+               for s in spec.shapes(padded=True)]
     e = spec.experts
     cache: dict = {}
     idx = [fi_core._maybe_get_cached_w3_w1_permute_indices(cache, src[0][0], 128,
@@ -343,6 +432,9 @@ def _torch_rows(spec, layer, ref, repeats):
 
     cuda = src[0].is_cuda
     rows = []
+    if spec.needs_padding:  # vLLM pads first (new zeroed buffers), then prepares those
+        before = _padded(torch, spec, unpadded, before, src)
+        after = _padded(torch, spec, unpadded, after, src)
     for label, fn in (("torch sglang-before (list+stack)", before),
                       ("torch sglang-after/vLLM (index_select out=)", after)):
         out = fn()
@@ -372,6 +464,7 @@ def _torch_rows(spec, layer, ref, repeats):
         ms = _median_ms(samples)
         rows.append((label, ms, transient, ms if cuda else None))
     src.clear()  # drop the torch views of the JAX buffers
+    unpadded.clear()
     if cuda:
         torch.cuda.empty_cache()  # hand torch's cached blocks back for JAX
     return rows
@@ -413,64 +506,209 @@ def _swizzle_rows(spec, layer, ref, repeats, device):
     return rows, int(np.prod(s13.shape))
 
 
+def versions() -> dict:
+    """Versions of what the figures depend on (None: not installed)."""
+    import importlib.metadata as md
+    out = {}
+    for name in ("jax", "jaxlib", "torch", "triton", "flashinfer-python", "jax-triton",
+                 "jax-tvm-ffi"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def commit() -> str | None:
+    """The git commit the code ran at: ``JAX_NVFP4_COMMIT`` (a copy without .git), else
+    ``git rev-parse`` (suffixed ``-dirty`` with changes to jax_nvfp4/), else None."""
+    import os
+    import subprocess
+    if os.environ.get("JAX_NVFP4_COMMIT"):
+        return os.environ["JAX_NVFP4_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
+                              capture_output=True, text=True, timeout=10, check=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "jax_nvfp4"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.strip() + ("-dirty" if dirty.strip() else "")
+
+
+def card_name(device) -> str:
+    """A file-name form of the device, e.g. ``h200`` for "NVIDIA H200"."""
+    kind = device.device_kind.lower().replace("nvidia ", "")
+    return "".join(c if c.isalnum() else "-" for c in kind).strip("-") or device.platform
+
+
+def floor_bytes(spec: LayerSpec) -> int:
+    """Bytes a copy would move: the layer read (unpadded) and written (padded)."""
+    return spec.nbytes + sum(int(np.prod(s)) for s in spec.shapes(padded=True))
+
+
+def whole_model(name: str, shape, layers: int, device, bw: float) -> dict:
+    """``prepare(params)`` over ``layers`` random layers of ``shape`` (donated, in one
+    call; its program compiled beforehand on one more layer), every layer then checked
+    against the reference. Returns the row of the results."""
+    from . import _tree
+    e, h, i, gated = shape
+    spec = LayerSpec(e, h, i, gated)
+
+    def layer(k):
+        return dict(zip(("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale"),
+                        random_device_layer(jax.random.key(5000 + k), e, h, i, gated=gated,
+                                            device=device)))
+
+    jax.block_until_ready(_tree.prepare({"warm-up": layer(-1)}, gated=gated))  # compile
+    params = {f"layers.{k}.mlp.experts": layer(k) for k in range(layers)}
+    jax.block_until_ready(params)
+    with _Poller(device) as poll:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(_tree.prepare(params, gated=gated))
+        seconds = time.perf_counter() - t0
+    del params
+    for k in range(layers):  # every layer bit-exact before the time counts
+        got = out.pop(f"layers.{k}.mlp.experts")
+        src = layer(k)
+        Reference(spec, list(src.values())).check(
+            [got[n] for n in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")],
+            f"prepare(params) layer {k}")
+        del got, src
+    floor_ms = 1e3 * layers * floor_bytes(spec) / bw
+    return dict(shape=name, E=e, H=h, I=i, gated=gated, layers=layers,
+                impl="jax_nvfp4 prepare(params) donated", ms=1e3 * seconds,
+                ms_per_layer=1e3 * seconds / layers, x_floor=1e3 * seconds / floor_ms,
+                transient_bytes=int(poll.extra), model_bytes=layers * spec.nbytes)
+
+
 def run(args) -> int:
     device = jax.devices()[0]
     shapes = ([_parse_shape(s) for s in args.shape] if args.shape else
               list((CPU_SHAPES if args.cpu else SHAPES).items()))
+    models = []
+    for m in args.model or ():
+        shape, _, count = m.partition(":")
+        if not count.isdigit() or int(count) < 1:
+            raise UserError(f"--model {m!r}: expected NAME:LAYERS, e.g. qwen3-30b-a3b:48")
+        models.append((*_parse_shape(shape), int(count)))
     repeats = args.repeats or (2 if args.cpu else 10)
     if repeats < 1:
         raise UserError("--repeats must be at least 1")
-    largest = max(LayerSpec(*s, True).nbytes for _, s in shapes)
+    largest = max([LayerSpec(*s).nbytes for _, s in shapes]
+                  + [LayerSpec(*s).nbytes for _, s, _ in models])
     bw = copy_bandwidth(device, min(max(largest, 1 << 24), 2 << 30), repeats)
+    meta = dict(device=f"{device.device_kind} ({device.platform})", card=card_name(device),
+                date=time.strftime("%Y-%m-%d", time.gmtime()), commit=commit(),
+                versions=versions(), triton_route=_triton.route()
+                if _triton.missing() is None else None, copy_GBps=bw / 1e9, repeats=repeats)
     print(f"device: {device.device_kind} ({device.platform}); copy bandwidth "
-          f"{bw / 1e9:.0f} GB/s (read + write)")
-    rows = []
+          f"{bw / 1e9:.0f} GB/s (read + write); commit {meta['commit']}; {meta['versions']}")
+    rows, model_rows = [], []
+    paths = [args.out] if args.out else []
+    stem = None
+    if args.out_dir:
+        import os
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, f"{meta['card']}-{meta['date']}-{meta['commit']}")
+        paths.append(stem + ".json")
+
+    def save(final: bool):  # after every shape too: a run cut short keeps what it measured
+        result = dict(meta, complete=final, rows=rows, models=model_rows,
+                      auto=auto_summary(rows))
+        for path in paths:
+            with open(path, "w") as f:
+                json.dump(result, f, indent=1)
+
     have_torch = args.torch and _backends.flashinfer_missing() is None
-    for k, (name, (e, h, i)) in enumerate(shapes):
-        spec = LayerSpec(e, h, i, True)
+    for k, (name, (e, h, i, gated)) in enumerate(shapes):
+        spec = LayerSpec(e, h, i, gated)
         layer = random_device_layer(jax.random.key(1000 + k), spec.experts, spec.hidden,
                                     spec.intermediate, gated=spec.gated, device=device)
         ref = Reference(spec, layer)
-        floor_ms = 1e3 * 2 * spec.nbytes / bw
-        results = _jax_rows(spec, layer, ref, repeats, device, name)
+        floor_ms = 1e3 * floor_bytes(spec) / bw
+        results = _jax_rows(spec, layer, ref, repeats, device, name, args.skip)
         if have_torch:
             results += _torch_rows(spec, layer, ref, max(1, min(repeats, 3)))
+        base = dict(shape=name, E=e, H=h, I=i, gated=gated, Hp=spec.padded_h,
+                    Ip=spec.padded_i, layer_bytes=spec.nbytes, floor_bytes=floor_bytes(spec))
         for impl, ms, transient, gpu_ms in results:
-            rows.append(dict(shape=name, E=e, H=h, I=i, impl=impl, ms=ms,
-                             x_floor=ms / floor_ms, device_ms=gpu_ms,
+            rows.append(dict(base, impl=impl, ms=ms, x_floor=ms / floor_ms, device_ms=gpu_ms,
                              device_x_floor=None if gpu_ms is None else gpu_ms / floor_ms,
-                             transient_bytes=int(transient), layer_bytes=spec.nbytes))
-        rows.append(dict(shape=name, E=e, H=h, I=i, impl="copy floor", ms=floor_ms,
-                         x_floor=1.0, device_ms=floor_ms, device_x_floor=1.0,
-                         transient_bytes=0, layer_bytes=spec.nbytes))
+                             transient_bytes=int(transient)))
+        rows.append(dict(base, impl="copy floor", ms=floor_ms, x_floor=1.0,
+                         device_ms=floor_ms, device_x_floor=1.0, transient_bytes=0))
         if name in ("deepseek-v3", "cpu-small") or len(shapes) == 1:
             sw, nbytes = _swizzle_rows(spec, layer, ref, repeats, device)
             for impl, ms, transient in sw:
-                rows.append(dict(shape=name, E=e, H=h, I=i, impl=impl, ms=ms,
-                                 x_floor=ms / (1e3 * 2 * nbytes / bw), device_ms=None,
-                                 device_x_floor=None, transient_bytes=0, layer_bytes=nbytes))
+                rows.append(dict(base, impl=impl, ms=ms, layer_bytes=nbytes,
+                                 floor_bytes=2 * nbytes, x_floor=ms / (1e3 * 2 * nbytes / bw),
+                                 device_ms=None, device_x_floor=None, transient_bytes=0))
         del layer, ref
-    _print_table(device, bw, rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": f"{device.device_kind} ({device.platform})",
-                       "copy_GBps": bw / 1e9, "rows": rows}, f, indent=1)
-        print(f"wrote {args.out}")
+        save(False)
+        print(f"{name}: done", flush=True)
+    for name, shape, count in models:
+        model_rows.append(whole_model(name, shape, count, device, bw))
+        save(False)
+    table = _table(device, bw, rows, model_rows, meta)
+    print(table)
+    save(True)
+    if stem:
+        with open(stem + ".md", "w") as f:
+            f.write(table + "\n")
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 
-def _print_table(device, bw, rows):
-    print(f"\n{device.device_kind}: copy {bw / 1e9:.0f} GB/s; ms = wall clock of the whole "
-          "call (JAX: prepare_layer to block_until_ready); device ms = CUDA events on the "
-          "stream around the work; transient = peak extra device memory during the call over "
-          "the inputs (JAX: polled bytes_in_use / XLA memory analysis; torch: "
-          "max_memory_allocated)")
-    print("| shape (E, H, I) | implementation | ms | x floor | device ms | x floor | transient |")
-    print("|---|---|---|---|---|---|---|")
+def auto_summary(rows) -> list[dict]:
+    """Per shape and donation: auto's wall time over the best jax_nvfp4 backend's."""
+    out = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for donated in ("donated", "not donated"):
+            mine = [r for r in rows if r["shape"] == shape and r["impl"].startswith("jax_nvfp4 ")
+                    and (" not donated" in r["impl"]) == (donated == "not donated")]
+            auto = [r for r in mine if r["impl"].startswith("jax_nvfp4 auto ")]
+            rest = [r for r in mine if not r["impl"].startswith("jax_nvfp4 auto ")]
+            if auto and rest:
+                best = min(rest, key=lambda r: r["ms"])
+                out.append(dict(shape=shape, donated=donated == "donated",
+                                auto=auto[0]["impl"], auto_ms=auto[0]["ms"], best=best["impl"],
+                                best_ms=best["ms"], ratio=auto[0]["ms"] / best["ms"]))
+    return out
+
+
+def _table(device, bw, rows, model_rows=(), meta=None) -> str:
+    lines = [f"\n{device.device_kind}: copy {bw / 1e9:.0f} GB/s; floor = the layer read "
+             "(unpadded) and written (padded) at that bandwidth; ms = wall clock of the whole "
+             "call (JAX: prepare_layer to block_until_ready); device ms = CUDA events on the "
+             "stream around the work; transient = peak extra device memory during the call over "
+             "the inputs (JAX: polled bytes_in_use / XLA memory analysis; torch: "
+             "max_memory_allocated)"]
+    if meta:
+        lines.append(f"commit {meta['commit']}, {meta['date']}, triton route "
+                     f"{meta['triton_route']}; " + ", ".join(
+                         f"{k} {v}" for k, v in meta["versions"].items() if v))
+    lines += ["| shape (E, H, I) | implementation | ms | x floor | device ms | x floor | "
+              "transient |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         share = r["transient_bytes"] / r["layer_bytes"]
         dev = ("- | -" if r["device_ms"] is None else
                f"{r['device_ms']:.3f} | {r['device_x_floor']:.2f}x")
-        print(f"| {r['shape']} ({r['E']}, {r['H']}, {r['I']}) | {r['impl']} | {r['ms']:.3f} | "
-              f"{r['x_floor']:.2f}x | {dev} | {r['transient_bytes'] / 2**20:.0f} MiB "
-              f"({share:.0%}) |")
+        pad = "" if (r.get("Hp"), r.get("Ip")) in ((r["H"], r["I"]), (None, None)) else \
+            f" -> ({r['Hp']}, {r['Ip']})"
+        gated = "" if r.get("gated", True) else ", not gated"
+        lines.append(f"| {r['shape']} ({r['E']}, {r['H']}, {r['I']}){pad}{gated} | {r['impl']} | "
+                     f"{r['ms']:.3f} | {r['x_floor']:.2f}x | {dev} | "
+                     f"{r['transient_bytes'] / 2**20:.0f} MiB ({share:.0%}) |")
+    for r in model_rows:
+        lines.append(f"\nwhole model: {r['layers']} layers of {r['shape']} ({r['E']}, {r['H']}, "
+                     f"{r['I']}), {r['model_bytes'] / 2**30:.1f} GiB: prepare(params) "
+                     f"{r['ms']:.1f} ms = {r['ms_per_layer']:.3f} ms per layer, "
+                     f"{r['x_floor']:.2f}x floor, transient {r['transient_bytes'] / 2**20:.0f} MiB")
+    for a in auto_summary(rows):
+        lines.append(f"auto vs best, {a['shape']} {'donated' if a['donated'] else 'not donated'}: "
+                     f"{a['auto_ms']:.3f} ms vs {a['best']} {a['best_ms']:.3f} ms = "
+                     f"{a['ratio']:.2f}x")
+    return "\n".join(lines)

@@ -288,13 +288,13 @@ def layer_program(spec: LayerSpec, *, inverse: bool, chunks: tuple[int, ...] | N
 
 @functools.lru_cache(maxsize=64)
 def _compiled(spec: LayerSpec, inverse: bool, donate: bool, chunks, backend: str = "xla",
-              pallas: bool = False, plan=None, crop=None):
+              pallas: bool = False, plan=None, crop=None, via: str | None = None):
     # Padding (and cropping it back) changes every shape, so no buffer can be reused:
     # transform out of place and let the caller delete the inputs.
     in_place = donate and (crop is None if inverse else not spec.needs_padding)
     if backend == "triton" and not inverse:
         program = _triton.layer_program(spec, chunks=chunks if in_place else None,
-                                        pad=_pad(spec))
+                                        pad=_pad(spec), via=via or "callback")
     else:
         program = layer_program(spec, inverse=inverse, chunks=chunks if in_place else None,
                                 backend=backend, pallas=pallas, crop=crop)
@@ -317,6 +317,7 @@ class Job:
     donate: bool
     inverse: bool
     valid: LayerSpec | None = None  # the whole layer's sizes (``spec`` is per device)
+    backend: str = "xla"  # the resolved backend (``"auto"`` decided)
 
 
 def _valid_size(name: str, value, *, most: int, caller: str) -> int:
@@ -415,8 +416,9 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
     together = resolved == "triton" and not _triton.w13_in_one_pass(spec)
     chunks = experts_per_chunk(spec, chunk_bytes, free, w13_together=together)
-    program = _compiled(spec, inverse, donate, chunks, resolved, pallas, plan, crop)
-    return Job(arrays, spec, chunks, program, donate, inverse, valid)
+    via = _triton.route() if resolved == "triton" and not inverse else None
+    program = _compiled(spec, inverse, donate, chunks, resolved, pallas, plan, crop, via)
+    return Job(arrays, spec, chunks, program, donate, inverse, valid, resolved)
 
 
 def run_job(job: Job) -> tuple:
@@ -435,14 +437,16 @@ def run_job(job: Job) -> tuple:
     return tuple(outs)
 
 
-def _run(arrays, **options):
-    return run_job(plan_job(arrays, **options))
+def _run(arrays, w13_order="up_gate", **options):
+    from . import _fuse  # w13_order: the halves swapped around the layout (_fuse.run_ordered)
+    _fuse.check_order(w13_order, options["gated"])
+    return _fuse.run_ordered(plan_job(arrays, **options), w13_order, run_job)
 
 
 def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
                   gated: bool = True, donate: bool = True, backend: str = "auto",
                   chunk_bytes: int | None = None,
-                  hidden_alignment: int = DEFAULT_HIDDEN_ALIGNMENT):
+                  hidden_alignment: int = DEFAULT_HIDDEN_ALIGNMENT, w13_order: str = "up_gate"):
     """Convert one NVFP4 MoE layer to the TRT-LLM (flashinfer ``trtllm_fp4_block_scale_moe``) layout.
 
     Byte for byte what vLLM 0.33 produces: ``H`` and ``I`` zero-padded as its
@@ -489,6 +493,15 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
         128; default 256, which flashinfer requires for NVFP4: "128 gives wrong
         results"), as vLLM's ``align_fp4_moe_weights_for_fi``. 128 pads only what the
         layout itself needs.
+    w13_order : {"up_gate", "gate_up"}, keyword-only
+        The order of each expert's two halves of ``w13_weight`` and its scales (gated):
+        ``"up_gate"`` = ``[up (w3); gate (w1)]`` (default; what :func:`load` produces),
+        ``"gate_up"`` = ``[gate (w1); up (w3)]`` (Hugging Face, vLLM, tpu-inference). The
+        output is the kernel's layout either way. ``"gate_up"`` swaps the halves first, in
+        place in the donated buffers (one chunk of scratch; one more pass over w13 and its
+        scales); with ``donate=False`` into a temporary copy of w13 and its scales. Sharded:
+        per device (with ``I`` split, each device's rows are its own ``[gate; up]``). With
+        donation the swap consumes the inputs before the layout runs.
 
     Returns
     -------
@@ -543,13 +556,13 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
     """
     return _run((w13_weight, w13_weight_scale, w2_weight, w2_weight_scale), gated=gated,
                 donate=donate, backend=backend, chunk_bytes=chunk_bytes, inverse=False,
-                hidden_alignment=hidden_alignment)
+                hidden_alignment=hidden_alignment, w13_order=w13_order)
 
 
 def unprepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
                     gated: bool = True, donate: bool = True, backend: str = "auto",
                     chunk_bytes: int | None = None, hidden_size: int | None = None,
-                    intermediate_size: int | None = None):
+                    intermediate_size: int | None = None, w13_order: str = "up_gate"):
     """Exact inverse of :func:`prepare_layer`: the checkpoint layout back, bytes unchanged.
 
     Takes the arrays ``prepare_layer`` returned (padded shapes ``Hp``, ``Ip``, as listed
@@ -570,7 +583,11 @@ def unprepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
         the prepared ``Ip`` (per device when ``I`` is split over devices: the global
         ``I``). None (default): that padding is kept. A crop runs out of place (new
         buffers; donated inputs are deleted).
+    w13_order : {"up_gate", "gate_up"}, keyword-only
+        The order of w13's halves in the result (``"gate_up"``: swapped back after the
+        layout is undone, in place).
     """
     return _run((w13_weight, w13_weight_scale, w2_weight, w2_weight_scale), gated=gated,
                 donate=donate, backend=backend, chunk_bytes=chunk_bytes, inverse=True,
-                hidden_size=hidden_size, intermediate_size=intermediate_size)
+                hidden_size=hidden_size, intermediate_size=intermediate_size,
+                w13_order=w13_order)

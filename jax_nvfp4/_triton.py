@@ -8,9 +8,10 @@ in int32, so DeepSeek-V3's 3.76 GB w13 came out wrong there. These kernels move
 in place in one pass wherever a group of rows is its own source (everything but
 gated w13 and its scales, which go through one chunk of scratch).
 
-They run through ``jax.experimental.buffer_callback``: on XLA's own CUDA stream,
-on XLA's buffers (aliased to the donated inputs), with the scratch an XLA
-temporary. The kernels are compiled by the Triton that ships with CUDA builds
+They are launched by XLA itself where jax-triton imports (``route() == "xla"``:
+jaxlib's ``triton_kernel_call`` custom call, one per launch, no Python at call time),
+else from a ``jax.experimental.buffer_callback`` (``"callback"``). Either way on
+XLA's own CUDA stream, on XLA's buffers (aliased to the donated inputs). The kernels are compiled by the Triton that ships with CUDA builds
 of torch. On CPU they run only in Triton's interpreter (``TRITON_INTERPRET=1``,
 which the tests set), slowly; that is for tests, not use.
 """
@@ -35,6 +36,34 @@ def missing() -> str | None:
     for module in ("torch", "triton"):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed; {INSTALL_HINT}"
+    return None
+
+
+# How the kernels are launched on CUDA: "auto" (through XLA where jax-triton imports, else
+# from a buffer_callback), "xla" or "callback"; JAX_NVFP4_TRITON_ROUTE sets it at import.
+# Measured on an H200 (benchmarks/NOTES.md): the same kernels, the XLA route without the
+# callback's fixed host cost.
+ROUTE = os.environ.get("JAX_NVFP4_TRITON_ROUTE", "auto")
+
+
+def route() -> str:
+    """``"xla"`` (jax-triton's custom call) or ``"callback"`` (``buffer_callback``)."""
+    if ROUTE not in ("auto", "xla", "callback"):
+        raise ValueError(f'jax_nvfp4._triton.ROUTE must be "auto", "xla" or "callback", '
+                         f"got {ROUTE!r}")
+    if ROUTE == "auto":
+        return "xla" if not interpreting() and jax_triton_missing() is None else "callback"
+    return ROUTE
+
+
+def jax_triton_missing() -> str | None:
+    """Why jax-triton cannot launch the kernels here (None when it can)."""
+    if importlib.util.find_spec("jax_triton") is None:
+        return "jax-triton is not installed (pip install jax-triton)"
+    try:
+        import jax_triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a version mismatch raises various types
+        return f"jax-triton does not import ({type(e).__name__}: {e})"
     return None
 
 
@@ -88,12 +117,15 @@ def _pointer(buffer) -> int:
     return data + ctypes.c_uint64.from_address(tensor + 40).value
 
 
-def layer_program(spec: LayerSpec, *, chunks, pad):
+def layer_program(spec: LayerSpec, *, chunks, pad, via: str = "callback"):
     """The pure function of the four (padded by ``pad``) arrays that prepares one layer.
 
     ``chunks=None``: out of place, one pass per array. Otherwise in place: outputs
     aliased to the inputs (reused when donated), with one chunk of scratch.
+    ``via``: ``"xla"`` (jax-triton's custom call, CUDA only) or ``"callback"``.
     """
+    if via == "xla":
+        return _xla_program(spec, chunks=chunks, pad=pad)
     import torch
     from jax.experimental.buffer_callback import buffer_callback
 
@@ -104,10 +136,7 @@ def layer_program(spec: LayerSpec, *, chunks, pad):
     in_place = chunks is not None
     extra = scratch_bytes(spec, chunks) if in_place else 0
     # Every launch is planned here, at trace time; the callback only launches.
-    one_pass = w13_in_one_pass(spec)
-    launches = k.plan(k.layer_launches(
-        spec.shapes(padded=True), gated=spec.gated, w13_one_pass=one_pass,
-        chunk=None if not in_place else chunks[1] if one_pass else chunks[0]))
+    launches = _plan(spec, chunks if in_place else None)
 
     def callback(ctx, outs, *ins):
         buffers = outs if in_place else (*ins, *outs)
@@ -128,5 +157,59 @@ def layer_program(spec: LayerSpec, *, chunks, pad):
         call = buffer_callback(callback, shapes,
                                input_output_aliases={i: i for i in range(4)} if in_place else None)
         return tuple(call(*arrays)[:4])
+
+    return program
+
+
+def _plan(spec: LayerSpec, chunks):
+    from . import _triton_kernels as k
+
+    one_pass = w13_in_one_pass(spec)
+    return k.plan(k.layer_launches(
+        spec.shapes(padded=True), gated=spec.gated, w13_one_pass=one_pass,
+        chunk=None if chunks is None else chunks[1] if one_pass else chunks[0]))
+
+
+def _xla_program(spec: LayerSpec, *, chunks, pad):
+    """:func:`layer_program` with each launch an XLA custom call (jax-triton): XLA launches
+    the compiled kernels in its own executable, so a call costs no Python callback.
+
+    The calls are chained through their results (each returns the arrays it may write,
+    aliased to its operands), which orders them on the stream. In place, the first call
+    also returns the scratch (an XLA buffer that later calls take and give back).
+    """
+    import jax_triton as jt
+
+    from . import _triton_kernels as k
+
+    in_place = chunks is not None
+    extra = scratch_bytes(spec, chunks) if in_place else 0
+    launches = _plan(spec, chunks)
+
+    def call(launch, operands, results, aliases, places):
+        offsets, consts = k.xla_call_args(launch, places)
+        out = jt.triton_call(*offsets, *operands, kernel=k.XLA_KERNELS[len(operands) + len(results)],
+                             out_shape=results, grid=launch.grid, num_warps=launch.warps,
+                             input_output_aliases=aliases, name="jax_nvfp4_layer", **consts)
+        return list(out)
+
+    def program(*arrays):
+        arrays = [p(x) for p, x in zip(pad, arrays)]
+        shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
+        if not in_place:  # one launch: buffers 0-3 the sources, 4-7 the results
+            (launch,) = launches
+            return tuple(call(launch, arrays, shapes, {}, list(range(8))))
+        four = {i: i for i in range(4)}
+        if not extra:  # one launch, every array its own source: results alias operands
+            (launch,) = launches
+            return tuple(call(launch, arrays, shapes, four, list(range(4))))
+        scratch_shape = jax.ShapeDtypeStruct((extra,), jnp.uint8)
+        # First call: operands 0-3, results 4-7 (aliased) and 8 (the scratch).
+        *arrays, scratch = call(launches[0], arrays, [*shapes, scratch_shape], four,
+                                [0, 1, 2, 3, 8])
+        for launch in launches[1:]:  # operands 0-4 (arrays, scratch), results aliased
+            *arrays, scratch = call(launch, [*arrays, scratch], [*shapes, scratch_shape],
+                                    {i: i for i in range(5)}, list(range(5)))
+        return tuple(arrays)
 
     return program

@@ -366,3 +366,139 @@ def run(launches, *, tensors, pointers=None, stream=None, device=None) -> None:
         if flat is None:
             flat = [t.reshape(-1) for t in tensors()]
         _launch_dispatch(launch, flat, stream)
+
+
+# --- Launches through XLA (jax-triton's custom call) ----------------------------------------
+# XLA launches the compiled kernel itself (jaxlib's "triton_kernel_call" target): no Python
+# callback, no host work per call. Its kernel parameters are the call's buffers in order
+# (operands, then results, aliased or not) after the scalars, which come first here; a buffer's place in the plan
+# (``Segment.src``/``dst``) is mapped onto those by compile-time indices (X0..X7), and the
+# byte offsets of chunks come as runtime scalars in 16-byte units (so the compiler still
+# knows every pointer is 16-byte aligned and keeps vector accesses).
+
+@triton.jit
+def _pick(i: tl.constexpr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9):
+    if i == 0:
+        p = b0
+    elif i == 1:
+        p = b1
+    elif i == 2:
+        p = b2
+    elif i == 3:
+        p = b3
+    elif i == 4:
+        p = b4
+    elif i == 5:
+        p = b5
+    elif i == 6:
+        p = b6
+    elif i == 7:
+        p = b7
+    elif i == 8:
+        p = b8
+    else:
+        p = b9
+    return p.to(tl.pointer_type(tl.int32))
+
+
+@triton.jit
+def _xla_body(b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, o0, o1, o2, o3, o4, o5, o6, o7,
+              X0: tl.constexpr, X1: tl.constexpr, X2: tl.constexpr, X3: tl.constexpr,
+              X4: tl.constexpr, X5: tl.constexpr, X6: tl.constexpr, X7: tl.constexpr,
+              N0: tl.constexpr, KIND0: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr,
+              C0: tl.constexpr, D0: tl.constexpr, G0: tl.constexpr, P0: tl.constexpr,
+              N1: tl.constexpr, KIND1: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
+              C1: tl.constexpr, D1: tl.constexpr, G1: tl.constexpr, P1: tl.constexpr,
+              N2: tl.constexpr, KIND2: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr,
+              C2: tl.constexpr, D2: tl.constexpr, G2: tl.constexpr, P2: tl.constexpr,
+              N3: tl.constexpr, KIND3: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
+              C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr):
+    _layer_kernel(
+        _pick(X0, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o0.to(tl.int64) * 4,
+        _pick(X1, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o1.to(tl.int64) * 4,
+        _pick(X2, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o2.to(tl.int64) * 4,
+        _pick(X3, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o3.to(tl.int64) * 4,
+        _pick(X4, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o4.to(tl.int64) * 4,
+        _pick(X5, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o5.to(tl.int64) * 4,
+        _pick(X6, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o6.to(tl.int64) * 4,
+        _pick(X7, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o7.to(tl.int64) * 4,
+        N0, KIND0, A0, B0, C0, D0, G0, P0, N1, KIND1, A1, B1, C1, D1, G1, P1,
+        N2, KIND2, A2, B2, C2, D2, G2, P2, N3, KIND3, A3, B3, C3, D3, G3, P3)
+
+
+# One kernel per number of buffers a call has (a Triton kernel's parameters are fixed):
+# 8 = four operands + four results (out of place, or in place without scratch), 9 = the
+# first in-place call (its results: the four arrays aliased, then the new scratch),
+# 10 = later in-place calls (four arrays and the scratch, operands aliased to results).
+
+
+@triton.jit
+def _xla8(o0, o1, o2, o3, o4, o5, o6, o7, b0, b1, b2, b3, b4, b5, b6, b7,
+          X0: tl.constexpr, X1: tl.constexpr, X2: tl.constexpr, X3: tl.constexpr,
+          X4: tl.constexpr, X5: tl.constexpr, X6: tl.constexpr, X7: tl.constexpr,
+          N0: tl.constexpr, KIND0: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr,
+          C0: tl.constexpr, D0: tl.constexpr, G0: tl.constexpr, P0: tl.constexpr,
+          N1: tl.constexpr, KIND1: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
+          C1: tl.constexpr, D1: tl.constexpr, G1: tl.constexpr, P1: tl.constexpr,
+          N2: tl.constexpr, KIND2: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr,
+          C2: tl.constexpr, D2: tl.constexpr, G2: tl.constexpr, P2: tl.constexpr,
+          N3: tl.constexpr, KIND3: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
+          C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr):
+    _xla_body(b0, b1, b2, b3, b4, b5, b6, b7, b0, b0, o0, o1, o2, o3, o4, o5, o6, o7,
+              X0, X1, X2, X3, X4, X5, X6, X7, N0, KIND0, A0, B0, C0, D0, G0, P0,
+              N1, KIND1, A1, B1, C1, D1, G1, P1, N2, KIND2, A2, B2, C2, D2, G2, P2,
+              N3, KIND3, A3, B3, C3, D3, G3, P3)
+
+
+@triton.jit
+def _xla9(o0, o1, o2, o3, o4, o5, o6, o7, b0, b1, b2, b3, b4, b5, b6, b7, b8,
+          X0: tl.constexpr, X1: tl.constexpr, X2: tl.constexpr, X3: tl.constexpr,
+          X4: tl.constexpr, X5: tl.constexpr, X6: tl.constexpr, X7: tl.constexpr,
+          N0: tl.constexpr, KIND0: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr,
+          C0: tl.constexpr, D0: tl.constexpr, G0: tl.constexpr, P0: tl.constexpr,
+          N1: tl.constexpr, KIND1: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
+          C1: tl.constexpr, D1: tl.constexpr, G1: tl.constexpr, P1: tl.constexpr,
+          N2: tl.constexpr, KIND2: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr,
+          C2: tl.constexpr, D2: tl.constexpr, G2: tl.constexpr, P2: tl.constexpr,
+          N3: tl.constexpr, KIND3: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
+          C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr):
+    _xla_body(b0, b1, b2, b3, b4, b5, b6, b7, b8, b0, o0, o1, o2, o3, o4, o5, o6, o7,
+              X0, X1, X2, X3, X4, X5, X6, X7, N0, KIND0, A0, B0, C0, D0, G0, P0,
+              N1, KIND1, A1, B1, C1, D1, G1, P1, N2, KIND2, A2, B2, C2, D2, G2, P2,
+              N3, KIND3, A3, B3, C3, D3, G3, P3)
+
+
+@triton.jit
+def _xla10(o0, o1, o2, o3, o4, o5, o6, o7, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9,
+           X0: tl.constexpr, X1: tl.constexpr, X2: tl.constexpr, X3: tl.constexpr,
+           X4: tl.constexpr, X5: tl.constexpr, X6: tl.constexpr, X7: tl.constexpr,
+           N0: tl.constexpr, KIND0: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr,
+           C0: tl.constexpr, D0: tl.constexpr, G0: tl.constexpr, P0: tl.constexpr,
+           N1: tl.constexpr, KIND1: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
+           C1: tl.constexpr, D1: tl.constexpr, G1: tl.constexpr, P1: tl.constexpr,
+           N2: tl.constexpr, KIND2: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr,
+           C2: tl.constexpr, D2: tl.constexpr, G2: tl.constexpr, P2: tl.constexpr,
+           N3: tl.constexpr, KIND3: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
+           C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr):
+    _xla_body(b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, o0, o1, o2, o3, o4, o5, o6, o7,
+              X0, X1, X2, X3, X4, X5, X6, X7, N0, KIND0, A0, B0, C0, D0, G0, P0,
+              N1, KIND1, A1, B1, C1, D1, G1, P1, N2, KIND2, A2, B2, C2, D2, G2, P2,
+              N3, KIND3, A3, B3, C3, D3, G3, P3)
+
+
+XLA_KERNELS = {8: _xla8, 9: _xla9, 10: _xla10}
+
+
+def xla_call_args(launch: Launch, places) -> tuple[list[int], dict]:
+    """The scalar offsets (16-byte units) and compile-time constants of ``launch`` as one
+    XLA call whose kernel parameters hold the plan's buffer ``b`` at ``places[b]``."""
+    offsets, consts = [], dict(launch.consts)
+    for i in range(SEGMENTS):
+        s = launch.segments[min(i, len(launch.segments) - 1)]
+        for j, (buf, off) in enumerate(((s.src, s.src_off), (s.dst, s.dst_off))):
+            # jax-triton turns a scalar equal to 1 into a constant: 16 bytes is no chunk
+            # boundary (experts are at least 1 KiB), so it never occurs.
+            assert off % 16 == 0 and off != 16, off
+            offsets.append(off // 16)
+            consts[f"X{2 * i + j}"] = places[buf]
+    return offsets, consts

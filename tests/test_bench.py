@@ -17,11 +17,39 @@ def test_bench_smoke_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert isinstance(data["device"], str) and data["copy_GBps"] > 0
     impls = {row["impl"] for row in data["rows"]}
-    assert {"jax_nvfp4 xla donated", "jax_nvfp4 xla not donated", "copy floor"} <= impls
+    assert {"jax_nvfp4 xla donated", "jax_nvfp4 xla not donated", "copy floor",
+            "jax_nvfp4 auto donated (-> xla)"} <= impls
     for row in data["rows"]:
-        assert set(row) == {"shape", "E", "H", "I", "impl", "ms", "x_floor", "device_ms",
-                            "device_x_floor", "transient_bytes", "layer_bytes"}
+        assert set(row) == {"shape", "E", "H", "I", "gated", "Hp", "Ip", "impl", "ms",
+                            "x_floor", "device_ms", "device_x_floor", "transient_bytes",
+                            "layer_bytes", "floor_bytes"}
         assert row["ms"] > 0 and row["layer_bytes"] > 0
+    assert {"jax", "jaxlib", "torch", "triton", "flashinfer-python"} <= set(data["versions"])
+    assert data["versions"]["jax"] and "commit" in data and data["card"] == "cpu"
+    assert [(a["shape"], a["donated"]) for a in data["auto"]] == [("cpu-small", True),
+                                                                  ("cpu-small", False)]
+
+
+def test_bench_padded_not_gated_and_a_whole_model_are_checked_and_named(tmp_path):
+    """Padded and non-gated shapes run against the zero-padded reference; --model times
+    prepare(params) per layer; --out-dir names the file by card, date and commit."""
+    r = subprocess.run([sys.executable, "-m", "jax_nvfp4", "bench", "--cpu", "--no-torch",
+                        "--shape", "cpu-padded", "--shape", "8,384,192,ng", "--repeats", "1",
+                        "--model", "cpu-padded:2", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900,
+                       env=dict(__import__("os").environ, JAX_NVFP4_COMMIT="abc123"))
+    assert r.returncode == 0, r.stderr
+    (path,) = tmp_path.glob("cpu-*-abc123.json")
+    assert (tmp_path / path.name.replace(".json", ".md")).exists()
+    data = json.loads(path.read_text())
+    rows = {(row["shape"], row["impl"]): row for row in data["rows"]}
+    padded = rows[("cpu-padded", "jax_nvfp4 xla donated")]
+    assert (padded["H"], padded["Hp"], padded["I"], padded["Ip"]) == (384, 512, 96, 128)
+    assert padded["floor_bytes"] > 2 * padded["layer_bytes"]  # written padded
+    assert not rows[("8,384,192,ng", "jax_nvfp4 xla donated")]["gated"]
+    (model,) = data["models"]
+    assert model["layers"] == 2 and model["ms_per_layer"] > 0
+    assert "per layer" in r.stdout
 
 
 def test_bench_bad_shape_is_a_user_error():

@@ -10,12 +10,20 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import jax_nvfp4
-from jax_nvfp4 import _backends, _bench, _reference
+from jax_nvfp4 import _backends, _bench, _reference, _triton
 from jax_nvfp4._spec import LayerSpec
 from jax_nvfp4.testing import random_device_layer
 from helpers import assert_bytes_equal, assert_no_race, random_layer, to_jax
 
 NAMES = ("w13", "w13_scale", "w2", "w2_scale")
+ROUTES = ["callback", pytest.param("xla", marks=pytest.mark.skipif(
+    _triton.jax_triton_missing() is not None, reason="needs jax-triton"))]
+
+
+@pytest.fixture
+def callback_route(monkeypatch):
+    """Tests of the buffer_callback launcher: that route, whatever jax-triton gives."""
+    monkeypatch.setattr(_triton, "ROUTE", "callback")
 
 
 def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng):
@@ -26,11 +34,11 @@ def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng):
     job = _prepare.plan_job(layer, gated=True, donate=False, backend="auto", chunk_bytes=None,
                             inverse=False)
     assert job.program is _prepare._compiled(job.spec, False, False, job.chunks, "xla", True,
-                                             None)
+                                             None, None, None)
     job = _prepare.plan_job(layer, gated=True, donate=True, backend="auto", chunk_bytes=None,
                             inverse=False)  # in place, w13 in one pass (2I = 128)
     assert job.program is _prepare._compiled(job.spec, False, True, job.chunks, "triton", True,
-                                             None)
+                                             None, None, _triton.route())
     assert _prepare.needs_triton(LayerSpec(256, 7168, 2048, True))  # w13: 3.76 GB
     assert not _prepare.needs_triton(LayerSpec(128, 7168, 2048, True))
 
@@ -40,7 +48,9 @@ def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng):
                                             (256, 256, 128, True), (17, 7168, 256, True),
                                             (6, 2048, 768, True)])
 @pytest.mark.parametrize("donate", [True, False])
-def test_triton_backend_is_bit_exact(rng, e, h, i, gated, donate):
+@pytest.mark.parametrize("route", ROUTES)
+def test_triton_backend_is_bit_exact(rng, e, h, i, gated, donate, route, monkeypatch):
+    monkeypatch.setattr(_triton, "ROUTE", route)
     layer = random_layer(rng, e, h, i, gated=gated)
     out = jax_nvfp4.prepare_layer(*to_jax(layer), gated=gated, donate=donate, backend="triton",
                                   chunk_bytes=1 << 18)
@@ -81,6 +91,28 @@ def test_200_prepares_interleaved_with_jax_work_have_no_race(rng):
 
 
 
+@pytest.mark.skipif(_triton.jax_triton_missing() is not None, reason="needs jax-triton")
+@pytest.mark.parametrize("donate", [True, False])
+def test_xla_route_is_custom_calls_in_place_without_a_callback(rng, donate):
+    """With jax-triton the program holds jaxlib's Triton custom calls and no Python
+    callback; donated, the outputs are the inputs' buffers."""
+    from jax_nvfp4 import _prepare
+    assert _triton.route() == "xla"
+    layer = random_layer(rng, 20, 512, 256)
+    arrays = to_jax(layer)
+    job = _prepare.plan_job(arrays, gated=True, donate=donate, backend="triton",
+                            chunk_bytes=1 << 18, inverse=False)
+    hlo = job.program.lower(*arrays).as_text()
+    assert "triton_kernel_call" in hlo and "callback" not in hlo
+    pointers = [x.unsafe_buffer_pointer() for x in arrays]
+    out = _prepare.run_job(job)
+    if donate:
+        assert [x.unsafe_buffer_pointer() for x in out] == pointers
+    for name, g, w in zip(NAMES, out, _reference.prepare_layer(*layer, gated=True)):
+        assert_bytes_equal(g, w, name)
+
+
+@pytest.mark.usefixtures("callback_route")
 def test_kernels_launch_without_tritons_dispatch(rng):
     from jax_nvfp4 import _triton_kernels
     jax.block_until_ready(jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, 2, 256, 128)),
@@ -88,6 +120,7 @@ def test_kernels_launch_without_tritons_dispatch(rng):
     assert _triton_kernels._ARGS_MODE, "the direct launch path was not taken"
 
 
+@pytest.mark.usefixtures("callback_route")
 def test_a_failing_direct_launch_falls_back_to_tritons_dispatch(rng, monkeypatch):
     """The direct launch uses Triton internals; if they change, the bytes must not."""
     from jax_nvfp4 import _triton_kernels

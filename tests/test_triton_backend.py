@@ -60,7 +60,8 @@ def test_in_place_program_needs_one_chunk_of_scratch(gated):
     spec = LayerSpec(e, h, i, gated)
     one_pass = _triton.w13_in_one_pass(spec)
     chunks = _prepare.experts_per_chunk(spec, 70000, w13_together=not one_pass)
-    program = _prepare._compiled(spec, False, True, chunks, "triton")
+    program = _prepare._compiled(spec, False, True, chunks, "triton", False, None, None,
+                                 _triton.route())
     shapes = [jax.ShapeDtypeStruct(s, d) for s, d in
               zip(spec.shapes(padded=True), ("uint8", "float8_e4m3fn") * 2)]
     stats = program.lower(*shapes).compile().memory_analysis()
@@ -135,3 +136,76 @@ def test_expert_sharded_layer_is_prepared_per_device(rng, donate):
     if donate:
         assert [[s.data.unsafe_buffer_pointer() for s in x.addressable_shards]
                 for x in out] == pointers
+
+
+def test_route_is_xla_with_jax_triton_and_callback_in_the_interpreter(monkeypatch):
+    monkeypatch.setattr(_triton, "ROUTE", "auto")
+    monkeypatch.setattr(_triton, "jax_triton_missing", lambda: None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _triton.route() == "xla"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tests: jax-triton cannot lower there
+    assert _triton.route() == "callback"
+    monkeypatch.setattr(_triton, "jax_triton_missing", lambda: "not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _triton.route() == "callback"
+    monkeypatch.setattr(_triton, "ROUTE", "callbacks")
+    with pytest.raises(ValueError, match="ROUTE"):
+        _triton.route()
+
+
+@pytest.mark.skipif(_triton.missing() is not None, reason="needs triton")
+def test_xla_route_maps_the_plans_buffers_and_offsets_onto_call_parameters():
+    from jax_nvfp4 import _triton_kernels as k
+    spec = LayerSpec(8, 2048, 768, True)  # 1536 rows: w13 and its scales through scratch
+    launches = _triton._plan(spec, (3, 3, 3, 3))
+    per = [s[1] * s[2] for s in spec.shapes(padded=True)[:2]]
+    # Second chunk's gather (experts 3-5): sources at 3 experts in, scratch (buffer 4) at
+    # 0 and after the chunk of w13; its call holds the scratch at parameter 8.
+    offsets, consts = k.xla_call_args(launches[2], [0, 1, 2, 3, 8])
+    assert offsets[:4] == [3 * per[0] // 16, 0, 3 * per[1] // 16, 3 * per[0] // 16]
+    assert [consts[f"X{j}"] for j in range(4)] == [0, 8, 1, 8]
+    assert set(k.XLA_KERNELS) == {8, 9, 10}
+    for n, fn in k.XLA_KERNELS.items():  # offsets first, then n buffers, then constants
+        names = fn.arg_names
+        assert names[:8] == [f"o{j}" for j in range(8)]
+        assert names[8:8 + n] == [f"b{j}" for j in range(n)] and names[8 + n] == "X0"
+
+
+_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from jax_nvfp4 import _triton, _triton_kernels as k
+from jax_nvfp4._spec import LayerSpec
+spec = LayerSpec(64, 7168, 256, True)
+for n in (8, 9, 10):
+    launch = _triton._plan(spec, None if n == 8 else (8, 8, 8, 8))[0 if n < 10 else 1]
+    places = {8: list(range(8)), 9: [0, 1, 2, 3, 8], 10: list(range(5))}[n]
+    _, consts = k.xla_call_args(launch, places)
+    fn = k.XLA_KERNELS[n]
+    sig = {a: "constexpr" if a in consts else "i32" if a[0] == "o" else "*u8"
+           for a in fn.arg_names}
+    attrs = {(j,): [["tt.divisibility", 16]] for j, a in enumerate(fn.arg_names) if a[0] == "b"}
+    ptx = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                         target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=launch.warps)).asm["ptx"]
+    print(n, "v4" if "ld.global.v4" in ptx else "scalar")
+"""
+
+
+@pytest.mark.skipif(_triton.missing() is not None, reason="needs triton")
+def test_xla_route_kernels_compile_for_hopper_without_a_gpu():
+    """The kernels XLA launches, compiled to PTX for sm_90 here (no GPU; outside the
+    interpreter): every buffer picked by constants, 16-byte vector loads kept (offsets
+    come in 16-byte units)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True,
+                       env=env, timeout=600)
+    if r.returncode and ("ptxas" in r.stderr.lower() or "GPUTarget" in r.stderr):
+        pytest.skip(f"this Triton cannot compile for CUDA here: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["8", "v4", "9", "v4", "10", "v4"]
