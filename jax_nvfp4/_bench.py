@@ -47,7 +47,7 @@ NAMES4 = ("w13", "w13_scale", "w2", "w2_scale")
 def configure(p):
     p.add_argument("--shape", action="append", default=None,
                    help=f"a shape name ({', '.join(SHAPES)}) or E,H,I (gated) or E,H,I,ng "
-                        "(not gated); repeatable (default: all of them)")
+                        "(not gated); repeatable (default: all of them, none with --model)")
     p.add_argument("--cpu", action="store_true",
                    help="small shapes, few repeats: a smoke run for CPU/CI")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; 2 --cpu)")
@@ -585,7 +585,7 @@ def whole_model(name: str, shape, layers: int, device, bw: float) -> dict:
 
 def run(args) -> int:
     device = jax.devices()[0]
-    shapes = ([_parse_shape(s) for s in args.shape] if args.shape else
+    shapes = ([_parse_shape(s) for s in args.shape] if args.shape else [] if args.model else
               list((CPU_SHAPES if args.cpu else SHAPES).items()))
     models = []
     for m in args.model or ():
