@@ -21,7 +21,8 @@ from ._forward import moe_forward
 from ._load import load
 from ._prepare import prepare_layer, unprepare_layer
 from ._scales import kernel_scales
-from ._tree import PrepareError, PreparedLayer, is_prepared, prepare
+from ._tree import PrepareError, PreparedLayer, fuse_gate_up, is_prepared, prepare
+from ._tp import tp_interleave
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "PrepareError",
     "PreparedLayer",
     "dequantize_layer",
+    "fuse_gate_up",
     "is_prepared",
     "kernels",
     "kernel_scales",
@@ -36,5 +38,6 @@ __all__ = [
     "moe_forward",
     "prepare",
     "prepare_layer",
+    "tp_interleave",
     "unprepare_layer",
 ]

@@ -175,3 +175,68 @@ def copies(arrays) -> list[bool]:
     except Exception:  # noqa: BLE001 - best effort: an unreadable input is checked elsewhere
         return [False] * len(arrays)
     return out
+
+
+# --- The persistent mark: a small array saved with the layer ---------------------------
+#
+# The marks above live in this process only: a layer saved (Orbax, safetensors, pickle of
+# numpy) and restored is new arrays with no mark, and its bytes look like any other. So
+# ``prepare`` also writes a *marker leaf* into each layer it returns (under the key
+# ``MARKER_KEY``, where the container can hold it): int32 ``[8]`` =
+# ``[MAGIC, LAYOUT_VERSION, flags (bit 0: gated), E, H, I, Hp, Ip]`` with the layer's
+# valid H and I and the prepared (padded) global sizes. It is saved and restored with the
+# rest of the params, and ``prepare`` reads it.
+
+MARKER_KEY = "nvfp4_layout"
+MAGIC = 0x3446564E  # b"NVF4" little-endian
+LAYOUT_VERSION = 1
+_MARKER_LEN = 8
+
+
+def marker_values(*, gated: bool, experts: int, hidden: int, intermediate: int,
+                  padded_h: int, padded_i: int) -> np.ndarray:
+    """The marker array (numpy int32 ``[8]``) of a prepared layer."""
+    return np.array([MAGIC, LAYOUT_VERSION, int(bool(gated)), experts, hidden, intermediate,
+                     padded_h, padded_i], np.int32)
+
+
+def marker_array(values: np.ndarray, like):
+    """``values`` as a jax array placed like ``like`` (replicated over its mesh when it is
+    sharded with a NamedSharding, else on its device)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = getattr(like, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return jax.device_put(values, NamedSharding(sharding.mesh, PartitionSpec()))
+    if sharding is not None and len(sharding.device_set) == 1:
+        return jax.device_put(values, next(iter(sharding.device_set)))
+    return jax.device_put(values)
+
+
+def read_marker(x, *, where: str = "") -> dict | None:
+    """The fields of a marker leaf, or None when ``x`` is not one (any other value, e.g.
+    a placeholder of zeros). A marker of an unknown layout version is a ``ValueError``."""
+    import jax
+
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array):
+        if x.is_deleted() or tuple(x.shape) != (_MARKER_LEN,):
+            return None
+        x = x if x.is_fully_addressable else x.addressable_shards[0].data
+    if not hasattr(x, "shape") or tuple(getattr(x, "shape", ())) != (_MARKER_LEN,):
+        return None
+    try:
+        v = np.asarray(x)
+    except Exception:  # noqa: BLE001 - not readable: not a marker
+        return None
+    if not np.issubdtype(v.dtype, np.integer) or int(v[0]) != MAGIC:
+        return None
+    if int(v[1]) != LAYOUT_VERSION:
+        raise ValueError(f"{where}{MARKER_KEY}: a jax_nvfp4 layout marker of version "
+                         f"{int(v[1])}; this jax_nvfp4 reads version {LAYOUT_VERSION}")
+    names = ("gated", "experts", "hidden", "intermediate", "padded_h", "padded_i")
+    out = dict(zip(names, (int(n) for n in v[2:])))
+    out["gated"] = bool(out["gated"] & 1)
+    return out
