@@ -224,6 +224,9 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                             where("reading", ckpt.path)
                             arrays = load_layer(ckpt, layer, prepare=True, progress=tick,
                                                 host=ahead.take(layer.prefix))
+                            for x in arrays.values():  # the device->host copies at once
+                                if x.devices().pop().platform != "cpu":  # (CPU: no copy)
+                                    x.copy_to_host_async()
                             tensors.update((f"{layer.prefix}.{n}", np.asarray(x))
                                            for n, x in arrays.items())
                             del arrays

@@ -220,6 +220,7 @@ def test_bench_io_reports_the_ratios(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # temporaries removed
 
 
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's warning; no JAX in the child
 def test_a_forked_child_reads_with_its_own_threads(tmp_path, rng):
     # the read pool's threads do not survive fork(); a child must not wait on them
     import os
