@@ -13,6 +13,7 @@ the params loaded so far plus one layer's scratch.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import sys
 import threading
@@ -34,6 +35,7 @@ _DTYPES = (jnp.uint8, SCALE_DTYPE, jnp.uint8, SCALE_DTYPE)
 THREADS = min(8, max(2, os.cpu_count() or 2))  # reads in flight (the kernel copies, no GIL)
 TASK_BYTES = 16 << 20  # one read task: coalesced pieces up to this size (larger ones split)
 _ALIGN = 4096
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 # safetensors dtype codes -> numpy (ml_dtypes for bfloat16 and float8)
 _NUMPY_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
                  "I16": np.int16, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -82,11 +84,11 @@ def _empty(shape) -> np.ndarray:
 
 
 def _plan(ckpt: Checkpoint, layer: MoELayer, shapes, experts) -> list[tuple]:
-    """``[(shard, file offset, array k, offset in the flat buffer, nbytes)]``, coalesced."""
+    """The layer's reads as runs (see :func:`_runs`)."""
     pieces = []
     for e in experts:
         for k, array in enumerate(NAMES):
-            rows, row_bytes = shapes[k][1], int(np.prod(shapes[k][2:]))
+            rows, row_bytes = shapes[k][1], math.prod(shapes[k][2:])
             for tensor, index, row in layer.parts(array, e):
                 shard, offset, n = ckpt.span(tensor, index)
                 dest = (e * rows + row) * row_bytes
@@ -95,28 +97,52 @@ def _plan(ckpt: Checkpoint, layer: MoELayer, shapes, experts) -> list[tuple]:
                         f"{ckpt.file(tensor)}: tensor {tensor!r} ({n} bytes) does not fit rows "
                         f"{row}.. of expert {e} of {layer.prefix}.{array} {list(shapes[k])}")
                 pieces.append((shard, offset, k, dest, n))
-    pieces.sort(key=lambda p: (p[2], p[3]))
-    out = []
-    for p in pieces:  # the next expert's bytes often follow in the file (stacked tensors)
-        if out and (q := out[-1])[0] is p[0] and q[2] == p[2] and q[3] + q[4] == p[3] \
-                and q[1] + q[4] == p[1]:
-            out[-1] = (*q[:4], q[4] + p[4])
-        else:
-            out.append(p)
-    return out
+    return _runs(pieces)
 
 
-def _tasks(pieces) -> list[list[tuple]]:
-    """Pieces grouped into read tasks of about ``TASK_BYTES`` (large pieces cut up)."""
-    tasks, cur, size = [], [], 0
+def _runs(pieces) -> list[tuple]:
+    """Pieces ``(shard, file offset, buffer k, offset in it, nbytes)`` as vectored reads.
+
+    Returns ``[(shard, file offset, [(k, dest, n), ...])]``: each run is a contiguous
+    range of one file (safetensors packs tensors back to back, so a shard's experts
+    mostly follow each other) read by one ``preadv`` into its destinations, in order;
+    destinations that follow each other in a buffer are merged.
+    """
+    order = {}
+    pieces = sorted(pieces, key=lambda p: (order.setdefault(id(p[0]), len(order)), p[1]))
+    runs = []
     for shard, offset, k, dest, n in pieces:
-        for s in range(0, n, TASK_BYTES):
-            m = min(TASK_BYTES, n - s)
-            cur.append((shard, offset + s, k, dest + s, m))
-            size += m
-            if size >= TASK_BYTES:
-                tasks.append(cur)
-                cur, size = [], 0
+        if runs and runs[-1][0] is shard and runs[-1][1] + runs[-1][3] == offset:
+            run = runs[-1]
+            if (last := run[2][-1])[0] == k and last[1] + last[2] == dest:
+                run[2][-1] = (k, last[1], last[2] + n)
+            else:
+                run[2].append((k, dest, n))
+            run[3] += n
+        else:
+            runs.append([shard, offset, [(k, dest, n)], n])
+    return [(shard, offset, iov) for shard, offset, iov, _ in runs]
+
+
+def _tasks(runs) -> list[list[tuple]]:
+    """Runs grouped into read tasks of about ``TASK_BYTES`` (larger runs cut up)."""
+    tasks, cur, size = [], [], 0
+    for shard, offset, iov in runs:
+        part, start = [], offset
+        for k, dest, n in iov:
+            done = 0
+            while done < n:
+                m = min(n - done, TASK_BYTES - size)
+                part.append((k, dest + done, m))
+                done += m
+                size += m
+                if size >= TASK_BYTES:
+                    cur.append((shard, start, part))
+                    tasks.append(cur)
+                    start += sum(x[2] for x in part)
+                    cur, part, size = [], [], 0
+        if part:
+            cur.append((shard, start, part))
     return tasks + ([cur] if cur else [])
 
 
@@ -135,14 +161,16 @@ def read_layer(ckpt: Checkpoint, layer: MoELayer, *, sharding=None,
     return HostLayer(bufs, total)
 
 
-def _read(pieces, flat: list, progress) -> int:
-    """Read ``pieces`` ``(shard, offset, k, dest, n)`` into ``flat[k][dest:dest + n]``."""
+def _read(runs, flat: list, progress) -> int:
+    """Read ``runs`` (see :func:`_runs`) into the flat uint8 buffers ``flat``."""
     def run(task):
-        for shard, offset, k, dest, n in task:
-            shard.pread(offset, flat[k][dest:dest + n])
-        return sum(p[4] for p in task)
+        total = 0
+        for shard, offset, iov in task:
+            _preadv(shard, offset, [memoryview(flat[k][d:d + n]) for k, d, n in iov])
+            total += sum(x[2] for x in iov)
+        return total
 
-    futures = [_readers().submit(run, t) for t in _tasks(pieces)]
+    futures = [_readers().submit(run, t) for t in _tasks(runs)]
     total = 0
     try:
         for f in concurrent.futures.as_completed(futures):
@@ -155,6 +183,25 @@ def _read(pieces, flat: list, progress) -> int:
             f.cancel()
         concurrent.futures.wait(futures)
     return total
+
+
+def _preadv(shard, offset: int, views: list) -> None:
+    """Fill ``views`` in order from ``shard``'s bytes at ``offset``: vectored reads, no GIL."""
+    fd, i = shard._descriptor(), 0
+    while i < len(views):
+        try:
+            n = os.preadv(fd, views[i:i + _IOV_MAX], offset)
+        except OSError as e:  # name the shard (preadv's error names no file)
+            e.filename = str(shard.path)
+            raise
+        if n <= 0:
+            raise CheckpointError(f"{shard.path}: cut short at byte {offset}; truncated?")
+        offset += n
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
 
 
 def read_tensors(ckpt: Checkpoint, names, *, progress=None) -> dict[str, np.ndarray]:
@@ -178,7 +225,7 @@ def read_tensors(ckpt: Checkpoint, names, *, progress=None) -> dict[str, np.ndar
         out[name] = buf.view(dtype).reshape(shape)
         pieces.append((shard, offset, len(flat), 0, n))
         flat.append(buf)
-    _read(pieces, flat, progress)
+    _read(_runs(pieces), flat, progress)
     return out
 
 
