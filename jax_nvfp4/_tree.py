@@ -1,4 +1,5 @@
-"""prepare(params): every MoE layer of a model's params pytree."""
+"""prepare(params): every MoE layer of a model's params pytree (found by ``_find``; gate/up
+order and fusion by ``_fuse``; the marker leaf by ``_marks``)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,11 @@ class PreparedLayer(dict):
     A plain ``dict`` in every way (serving code reads the same keys) and a
     pytree node like ``dict``; its type is the mark that makes :func:`prepare`
     refuse to shuffle the layer twice, and it survives ``jax.tree.map``,
-    ``jax.device_put`` and the like.
+    ``jax.device_put`` and the like. The type does not survive a save and restore
+    (Orbax restores plain dicts): for that, :func:`prepare` also puts the marker leaf
+    ``"nvfp4_layout"`` into the layers it returns (int32 ``[8]``: ``[0x3446564E ("NVF4"),
+    layout version 1, flags (bit 0: gated), E, H, I, Hp, Ip]``, valid and prepared sizes),
+    which ``prepare`` reads back (``skip_prepared=True`` rebuilds the ``PreparedLayer``).
 
     Parameters
     ----------
