@@ -244,3 +244,35 @@ def test_swap_runs_in_place_with_one_chunk_of_scratch():
         pytest.skip("no memory analysis on this backend")
     assert stats.alias_size_in_bytes == e * r * k + e * r * k // 8
     assert stats.temp_size_in_bytes <= 2 * 2 * r * k  # a chunk (and its swapped copy)
+
+
+@pytest.mark.parametrize("split_i", [False, True], ids=["experts-split", "I-split"])
+def test_separate_gate_up_sharded_fused_on_each_device(rng, split_i):
+    devices = jax.devices("cpu")[:4]
+    if len(devices) < 4:
+        pytest.skip("needs 4 CPU devices (conftest.py)")
+    t, i_local = 2, 64
+    host = random_layer(rng, 2, 256, t * i_local)
+    mesh = jax.make_mesh((2, t), ("e", "t"), devices=devices)
+    rows, cols = (P("e", "t"), P("e", None, "t")) if split_i else (P("e"), P("e"))
+    moe = _separate(host)
+    for n in moe:
+        moe[n] = jax.device_put(moe[n], NamedSharding(mesh, cols if n.startswith("w2") else rows))
+    out = jax_nvfp4.prepare({"moe": moe}, chunk_bytes=4096)["moe"]
+    w13, s13, w2, s2 = host
+    for k, name in enumerate(NAMES):
+        assert out[name].sharding.is_equivalent_to(
+            NamedSharding(mesh, cols if k > 1 else rows), 3)
+        if not split_i:
+            assert_bytes_equal(out[name], _reference.prepare_layer(*host)[k], name)
+            continue
+        for shard in out[name].addressable_shards:  # each device: its own rank's layer
+            e, j = shard.index[0], int(np.argwhere(mesh.devices == shard.device)[0][1])
+            up = slice(j * i_local, (j + 1) * i_local)
+            gate = slice(t * i_local + j * i_local, t * i_local + (j + 1) * i_local)
+            local = [np.concatenate([w13[e, up], w13[e, gate]], axis=1),
+                     np.concatenate([s13[e, up], s13[e, gate]], axis=1),
+                     w2[e, :, j * i_local // 2:(j + 1) * i_local // 2],
+                     s2[e, :, j * i_local // 16:(j + 1) * i_local // 16]]
+            assert_bytes_equal(shard.data, _reference.prepare_layer(*local)[k],
+                               f"{name} on {shard.device}")
