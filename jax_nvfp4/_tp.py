@@ -1,4 +1,4 @@
-"""Tensor parallelism: a checkpoint's fused w13 laid out so that each rank's rows are its own layer."""
+"""Tensor parallelism: a checkpoint's w13 laid out so that each rank's rows are its own layer."""
 
 from __future__ import annotations
 

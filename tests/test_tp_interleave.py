@@ -24,7 +24,8 @@ def _rank(host, tp, j, e):
     up, gate = slice(j * n, (j + 1) * n), slice(i + j * n, i + (j + 1) * n)
     return [np.concatenate([w13[e, up], w13[e, gate]], axis=0)[None],
             np.concatenate([s13[e, up], s13[e, gate]], axis=0)[None],
-            w2[e:e + 1, :, j * n // 2:(j + 1) * n // 2], s2[e:e + 1, :, j * n // 16:(j + 1) * n // 16]]
+            w2[e:e + 1, :, j * n // 2:(j + 1) * n // 2],
+            s2[e:e + 1, :, j * n // 16:(j + 1) * n // 16]]
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
