@@ -375,11 +375,13 @@ def _check_separate(node, path, vals, km, options):
                          f"({km['w3_weight']!r}) need gated=True (a non-gated w13 is up only: "
                          "map it with keys={'w13_weight': ...})")
     if not _find.grows(node, vals):
+        what = (f"a {type(node.obj).__name__}" if not isinstance(node.obj, dict) else
+                "a dict of wrapped arrays (e.g. an nnx State, whose structure nnx.merge checks)")
         raise ValueError(
             f"params{path}: separate gate and up ({km['w1_weight']!r}, {km['w3_weight']!r}) in "
-            f"a {type(node.obj).__name__} cannot become one w13 in place of its fields; fuse "
-            "them in the model with jax_nvfp4.fuse_gate_up (one w13_weight and "
-            "w13_weight_scale) or pass the layer as a dict")
+            f"{what} cannot become one w13 in place of its fields; fuse them in the model "
+            "with jax_nvfp4.fuse_gate_up (one w13_weight and w13_weight_scale) or pass the "
+            "layer as a dict of arrays")
     names = tuple(km[n] for n in _find.SEPARATE)
     stand = _fuse.check_halves(*(arrays[n] for n in _find.SEPARATE), where=where, names=names)
     w2 = (arrays["w2_weight"], arrays["w2_weight_scale"])

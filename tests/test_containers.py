@@ -252,3 +252,23 @@ def test_unquantized_neighbours_are_not_near_misses(rng):
     assert out["shared"] is params["shared"] or out["shared"]["w2_weight"] is \
         params["shared"]["w2_weight"]
     _check([out["moe"][n] for n in NAMES], host, "moe")
+
+
+def test_nnx_separate_gate_up_is_refused_with_the_way_out(rng):
+    nnx = pytest.importorskip("flax.nnx")
+    host = random_layer(rng, 2, 256, 64)
+    i = host[0].shape[1] // 2
+    arrays = to_jax([host[0][:, i:], host[1][:, i:], host[0][:, :i], host[1][:, :i],
+                     host[2], host[3]])
+
+    class Experts(nnx.Module):
+        def __init__(self):
+            for name, x in zip(("w1_weight", "w1_weight_scale", "w3_weight", "w3_weight_scale",
+                                "w2_weight", "w2_weight_scale"), arrays):
+                setattr(self, name, nnx.Param(x))
+
+    state = nnx.state(Experts())
+    with pytest.raises(ValueError, match=r"separate gate and up .* a dict of wrapped arrays "
+                                         r"\(e\.g\. an nnx State.*fuse_gate_up"):
+        jax_nvfp4.prepare(state)
+    assert not any(x.is_deleted() for x in arrays)

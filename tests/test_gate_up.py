@@ -276,3 +276,26 @@ def test_separate_gate_up_sharded_fused_on_each_device(rng, split_i):
                      s2[e, :, j * i_local // 16:(j + 1) * i_local // 16]]
             assert_bytes_equal(shard.data, _reference.prepare_layer(*local)[k],
                                f"{name} on {shard.device}")
+
+
+def test_a_failure_after_fusing_keeps_the_fused_layer(rng, monkeypatch):
+    """The halves are consumed by the fusion: if the layout then fails (out of memory), the
+    error's params hold the fused, unprepared w13, so a resume loses nothing."""
+    from jax_nvfp4 import _tree
+    host = random_layer(rng, 2, 256, 64)
+    moe = _separate(host)
+
+    def fail(job):
+        raise MemoryError("RESOURCE_EXHAUSTED")
+
+    monkeypatch.setattr(_tree, "run_job", fail)
+    with pytest.raises(jax_nvfp4.PrepareError) as info:
+        jax_nvfp4.prepare({"moe": moe})
+    kept = info.value.params["moe"]
+    assert set(kept) == set(NAMES)
+    for name, want in zip(NAMES, host):  # the checkpoint layout, [up; gate]
+        assert_bytes_equal(kept[name], want, name)
+    monkeypatch.undo()
+    out = jax_nvfp4.prepare(info.value.params, skip_prepared=True)
+    for name, want in zip(NAMES, _reference.prepare_layer(*host)):
+        assert_bytes_equal(out["moe"][name], want, name)
