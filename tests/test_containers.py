@@ -267,8 +267,13 @@ def test_nnx_separate_gate_up_is_refused_with_the_way_out(rng):
                                 "w2_weight", "w2_weight_scale"), arrays):
                 setattr(self, name, nnx.Param(x))
 
-    state = nnx.state(Experts())
-    with pytest.raises(ValueError, match=r"separate gate and up .* a dict of wrapped arrays "
-                                         r"\(e\.g\. an nnx State.*fuse_gate_up"):
-        jax_nvfp4.prepare(state)
+    class Block(nnx.Module):
+        def __init__(self):
+            self.experts = Experts()
+
+    with pytest.raises(ValueError, match=r"params: separate gate and up .* in a State cannot"):
+        jax_nvfp4.prepare(nnx.state(Experts()))  # the state is the layer
+    with pytest.raises(ValueError, match=r"params\['experts'\]: separate gate and up .* a dict "
+                                         r"of wrapped arrays \(e\.g\. an nnx State.*fuse_gate_up"):
+        jax_nvfp4.prepare(nnx.state(Block()))  # nested: a dict of nnx.Params inside the State
     assert not any(x.is_deleted() for x in arrays)
