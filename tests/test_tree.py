@@ -147,3 +147,13 @@ def test_prepared_layer_sizes_are_pytree_aux_data(rng):
         jax_nvfp4.PreparedLayer({}, hidden_size=0)
     with pytest.raises(TypeError, match="intermediate_size must be a positive int"):
         jax_nvfp4.PreparedLayer({}, intermediate_size=1.5)
+
+
+def test_the_tree_may_be_one_layer(rng):
+    arrays = random_layer(rng, 2, 256, 64)
+    out = jax_nvfp4.prepare(dict(zip(NAMES, to_jax(arrays))))
+    assert isinstance(out, jax_nvfp4.PreparedLayer)
+    for name, want in zip(NAMES, _reference.prepare_layer(*arrays)):
+        assert_bytes_equal(out[name], want, name)
+    with pytest.raises(ValueError, match=r"^params is already in the TRT-LLM layout"):
+        jax_nvfp4.prepare(out)
