@@ -38,6 +38,7 @@ SHAPES = {
     "qwen3-30b-a3b": (128, 2048, 768, True),
     "qwen3-30b-a3b-tp8": (128, 2048, 96, True),
     "nemotron-3-nano": (128, 2688, 1856, False),
+    "tiny": (8, 256, 128, True),  # 1.3 MiB: the time of a call is its fixed cost
 }
 CPU_SHAPES = {"cpu-small": (8, 256, 128, True), "cpu-tp": (16, 512, 64, True),
               "cpu-padded": (8, 384, 96, True), "cpu-not-gated": (8, 384, 192, False)}
