@@ -184,8 +184,9 @@ for n in (8, 9, 10):
     places = {8: list(range(8)), 9: [0, 1, 2, 3, 8], 10: list(range(5))}[n]
     _, consts = k.xla_call_args(launch, places)
     fn = k.XLA_KERNELS[n]
-    sig = {a: "constexpr" if a in consts else "i32" if a[0] == "o" else "*u8"
-           for a in fn.arg_names}
+    # buffers as XLA gives them: weights uint8, scales float8_e4m3fn
+    sig = {a: "constexpr" if a in consts else "i32" if a[0] == "o" else
+           "*fp8e4nv" if a in ("b1", "b3", "b5", "b7") else "*u8" for a in fn.arg_names}
     attrs = {(j,): [["tt.divisibility", 16]] for j, a in enumerate(fn.arg_names) if a[0] == "b"}
     ptx = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
                          target=GPUTarget("cuda", 90, 32),
