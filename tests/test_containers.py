@@ -277,3 +277,17 @@ def test_nnx_separate_gate_up_is_refused_with_the_way_out(rng):
                                          r"of wrapped arrays \(e\.g\. an nnx State.*fuse_gate_up"):
         jax_nvfp4.prepare(nnx.state(Block()))  # nested: a dict of nnx.Params inside the State
     assert not any(x.is_deleted() for x in arrays)
+
+
+def test_linen_partitioned_boxes(rng):
+    """flax.linen's nn.Partitioned (a one-array box with sharding names) is unwrapped and the
+    prepared array put back into a box with the same names."""
+    nn = pytest.importorskip("flax.linen")
+    host = random_layer(rng, 2, 256, 64)
+    names = ("expert", None, None)
+    params = {"params": {"moe": {n: nn.Partitioned(x, names=names)
+                                 for n, x in zip(NAMES, to_jax(host))}}}
+    out = jax_nvfp4.prepare(params)
+    moe = out["params"]["moe"]
+    assert all(isinstance(moe[n], nn.Partitioned) and moe[n].names == names for n in NAMES)
+    _check([moe[n].value for n in NAMES], host, "Partitioned")
