@@ -20,6 +20,7 @@ from ._dequant import dequantize_layer
 from ._forward import moe_forward
 from ._load import load
 from ._prepare import prepare_layer, unprepare_layer
+from ._quant import quantize_nvfp4
 from ._scales import kernel_scales
 from ._tree import PrepareError, PreparedLayer, fuse_gate_up, is_prepared, prepare
 from ._tp import tp_interleave
@@ -38,6 +39,7 @@ __all__ = [
     "moe_forward",
     "prepare",
     "prepare_layer",
+    "quantize_nvfp4",
     "tp_interleave",
     "unprepare_layer",
 ]
