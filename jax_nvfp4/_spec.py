@@ -109,6 +109,12 @@ def check_arrays(arrays, *, gated: bool, prepared: bool = False, where: str = ""
     for name, x in zip(NAMES, arrays):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{label[name]}: expected an array, got {type(x).__name__}")
+        if hasattr(x, "__jax_array__") and not isinstance(x, jax.Array):
+            # e.g. flax nnx.Param: jit would rebuild the wrapper around tracers.
+            raise TypeError(
+                f"{label[name]}: expected a jax or numpy array, got a {type(x).__name__} "
+                "wrapper; pass its array (e.g. param.get_value()) or call prepare() on the "
+                "tree, which unwraps and rewraps such leaves")
         if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted():
             raise ValueError(
                 f"{label[name]} has been deleted: it was donated to an earlier call "

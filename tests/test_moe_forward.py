@@ -143,7 +143,8 @@ def test_a_corrupted_layer_gives_another_output(rng):
     assert not np.allclose(np.asarray(jax_nvfp4.moe_forward(x, bad, ids, w)), want, rtol=1e-3)
     # prepared bytes read as the checkpoint layout
     p = prepared(layer, gated=True)
-    plain = {k: jnp.array(v, copy=True) for k, v in p.items()}  # unmarked copies
+    # unmarked copies (without the marker leaf, which would say "prepared")
+    plain = {k: jnp.array(v, copy=True) for k, v in p.items() if k != "nvfp4_layout"}
     assert not np.allclose(np.asarray(jax_nvfp4.moe_forward(x, plain, ids, w)), want)
 
 

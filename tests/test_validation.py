@@ -158,3 +158,12 @@ def test_arrays_on_different_devices_are_refused_before_donation(rng, layer):
     with pytest.raises(ValueError, match="w2_weight_scale is on .* the same device"):
         jax_nvfp4.prepare_layer(*moved)
     _assert_alive(moved)
+
+
+def test_wrapped_arrays_are_refused_naming_the_way_out(rng):
+    # nnx.Param has .shape and .dtype, but jit would rebuild the wrapper around tracers.
+    nnx = pytest.importorskip("flax.nnx")
+    arrays = [nnx.Param(x) for x in to_jax(random_layer(rng, 2, 256, 64, gated=True))]
+    with pytest.raises(TypeError, match=r"w13_weight: .*Param wrapper.*prepare\(\)"):
+        jax_nvfp4.prepare_layer(*arrays)
+    _assert_alive([p.get_value() for p in arrays])
