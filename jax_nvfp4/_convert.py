@@ -3,7 +3,7 @@
 Each decoder layer becomes one output shard: its MoE layers loaded and
 prepared on the default device by the loader's machinery, its other tensors
 copied unchanged. While a shard is written the next one's tensors are read
-(:class:`_ReadAhead`), so the host holds one layer's output and the next
+(:class:`ReadAhead`), so the host holds one layer's output and the next
 layer's input at a time. Every layer's scale values are checked before
 anything is written.
 
@@ -52,7 +52,7 @@ from . import __version__
 from ._checkpoint import FORMAT, INDEX, LAYOUT, PREPARED_JSON, SINGLE, open_checkpoint
 from ._cli import Interrupted, UserError
 from ._fslock import FileLock, LockHeld, describe
-from ._load import load_layer, read_layer, read_tensors
+from ._load import ReadAhead, load_layer, read_layer, read_tensors
 
 MANIFEST = ".jax_nvfp4-convert.json"  # in the partial directory; removed before the rename
 # Test hook (tests/test_convert_faults.py), comma-separated: "kill@shard:K", "term@shard:K",
@@ -199,7 +199,7 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                 f"(lock {e.path}); wait for it to finish or stop it") from None
         except OSError as e:
             raise ConvertError(_io_message(e, where)) from None
-        manifest, reads, ahead = None, [0], _ReadAhead()
+        manifest, reads, ahead = None, [0], ReadAhead()
         try:
             _check_dst(dst, overwrite)  # again, now that no other conversion can write it
             manifest, done = _resume(tmp, dst, key, lock.previous, log, where)
@@ -289,34 +289,6 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
             "seconds": time.perf_counter() - start,
             "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_device_bytes": stats.get("peak_bytes_in_use")}
-
-
-class _ReadAhead:
-    """The next shard's tensors read on a background thread while one is written.
-
-    At most one shard is read ahead, so the host holds the shard being written and the
-    next one's inputs. Reading has no effect on the output: an error in it is raised
-    when its tensors are taken; on close nothing is left running.
-    """
-
-    def __init__(self):
-        self.pending, self.pool = {}, None
-
-    def start(self, key, fn, *args):
-        if self.pool is None:
-            self.pool = concurrent.futures.ThreadPoolExecutor(1, "jax_nvfp4-read-ahead")
-        self.pending[key] = self.pool.submit(fn, *args)
-
-    def take(self, key):
-        """The future of what was started under ``key``, or None."""
-        return self.pending.pop(key, None)
-
-    def close(self):
-        for f in self.pending.values():
-            f.cancel()
-        self.pending.clear()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
 
 
 def _io_message(e: BaseException, where: _Where) -> str:

@@ -410,9 +410,53 @@ def load(path, *, prepare: bool = True, sharding=None, layers=None) -> dict:
                 ckpt.scales(layer)  # read and check every layer's scalars first (small)
         others = _replicated(sharding)
         flat = {}
-        for _, moe, names in groups:
-            for name, x in read_tensors(ckpt, names).items():
-                flat[name] = jax.device_put(x, others)
-            for layer in moe:
-                flat[layer.prefix] = load_layer(ckpt, layer, prepare=prepare, sharding=sharding)
+        queue = [layer for _, moe, _ in groups for layer in moe]
+        with ReadAhead() as ahead:
+            for _, moe, names in groups:
+                for name, x in read_tensors(ckpt, names).items():
+                    flat[name] = jax.device_put(x, others)
+                for layer in moe:
+                    host = ahead.take(layer.prefix) or read_layer(ckpt, layer, sharding=sharding)
+                    if (k := queue.index(layer) + 1) < len(queue):  # read while this one moves
+                        ahead.start(queue[k].prefix, read_layer, ckpt, queue[k],
+                                    sharding=sharding)
+                    flat[layer.prefix] = load_layer(ckpt, layer, prepare=prepare,
+                                                    sharding=sharding, host=host)
+                    del host
     return _nest(flat)
+
+
+class ReadAhead:
+    """Reads started on a background thread, taken later by key (at most what was started).
+
+    The loader reads the next MoE layer while the current one goes to the device and is
+    prepared; convert reads the next shard's tensors while it writes one. Reading has
+    no effect on the output: an error in it is raised when its result is taken; on
+    close (or leaving the ``with`` block) nothing is left running.
+    """
+
+    def __init__(self):
+        self.pending, self.pool = {}, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def start(self, key, fn, *args, **kwargs):
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(1, "jax_nvfp4-read-ahead")
+        self.pending[key] = self.pool.submit(fn, *args, **kwargs)
+
+    def take(self, key):
+        """The future of what was started under ``key``, or None."""
+        return self.pending.pop(key, None)
+
+    def close(self):
+        for f in self.pending.values():
+            f.cancel()
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None

@@ -249,3 +249,32 @@ def test_a_forked_child_reads_with_its_own_threads(tmp_path, rng):
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert got == b"ok"
+
+
+def test_load_reads_the_next_layer_while_one_moves_to_the_device(tmp_path, rng, monkeypatch):
+    tensors = write_checkpoint(tmp_path, layers=3, experts=2, seed=_seed(rng))
+    seen, real = [], _load.read_layer
+
+    def spy(ckpt, layer, **kw):
+        seen.append((layer.layer, threading.current_thread().name))
+        return real(ckpt, layer, **kw)
+
+    monkeypatch.setattr(_load, "read_layer", spy)
+    params = jax_nvfp4.load(tmp_path, prepare=False)
+    assert [x for x, _ in seen] == [0, 1, 2]
+    assert not seen[0][1].startswith("jax_nvfp4-read-ahead"), seen
+    assert all(name.startswith("jax_nvfp4-read-ahead") for _, name in seen[1:]), seen
+    for layer in range(3):
+        moe = params["model"]["layers"][str(layer)]["mlp"]["experts"]
+        for name, w in zip(NAMES, stacked(tensors, "qwen3", layer, 2)):
+            assert np.asarray(moe[name]).view(np.uint8).tobytes() == w.tobytes(), name
+
+    def failing(ckpt, layer, **kw):  # an error while reading ahead: raised, nothing left over
+        if layer.layer == 2:
+            raise CheckpointError("boom")
+        return real(ckpt, layer, **kw)
+
+    monkeypatch.setattr(_load, "read_layer", failing)
+    with pytest.raises(CheckpointError, match="boom"):
+        jax_nvfp4.load(tmp_path)
+    assert not [t for t in threading.enumerate() if t.name.startswith("jax_nvfp4-read-ahead")]
