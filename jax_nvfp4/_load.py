@@ -112,6 +112,8 @@ def _runs(pieces) -> list[tuple]:
     pieces = sorted(pieces, key=lambda p: (order.setdefault(id(p[0]), len(order)), p[1]))
     runs = []
     for shard, offset, k, dest, n in pieces:
+        if n == 0:  # an empty tensor: nothing to read (preadv would report 0 bytes)
+            continue
         if runs and runs[-1][0] is shard and runs[-1][1] + runs[-1][3] == offset:
             run = runs[-1]
             if (last := run[2][-1])[0] == k and last[1] + last[2] == dest:

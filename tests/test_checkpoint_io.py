@@ -278,3 +278,29 @@ def test_load_reads_the_next_layer_while_one_moves_to_the_device(tmp_path, rng, 
     with pytest.raises(CheckpointError, match="boom"):
         jax_nvfp4.load(tmp_path)
     assert not [t for t in threading.enumerate() if t.name.startswith("jax_nvfp4-read-ahead")]
+
+
+def test_other_tensors_of_every_size_and_dtype(tmp_path, rng):
+    # read_tensors gives what Checkpoint.read gives: empty, 0-d, bf16, float8, int64, large
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    tensors = write_checkpoint(tmp_path, layers=1, experts=2, shards=1, seed=_seed(rng))
+    extra = {"extra.empty": np.zeros((0, 3), np.float32), "extra.scalar": np.array(2.5, np.float32),
+             "extra.i64": rng.integers(-9, 9, 5, dtype=np.int64),
+             "extra.f8": rng.integers(0, 256, (3, 4), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn),
+             "extra.big": rng.standard_normal((1 << 19) + 3).astype(ml_dtypes.bfloat16)}
+    shard = next(tmp_path.glob("*.safetensors"))
+    save_file({**tensors, **extra}, shard)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(extra, shard.name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with open_checkpoint(tmp_path) as ckpt:
+        names = [n for n in ckpt.weight_map if ".experts." not in n]
+        got = _load.read_tensors(ckpt, names)
+        for name in names:
+            want = ckpt.read(name)
+            assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+            assert got[name].tobytes() == want.tobytes(), name
+    params = jax_nvfp4.load(tmp_path, prepare=False)
+    assert params["extra"]["empty"].shape == (0, 3) and float(params["extra"]["scalar"]) == 2.5
