@@ -560,8 +560,9 @@ def floor_bytes(spec: LayerSpec) -> int:
 
 def whole_model(name: str, shape, layers: int, device, bw: float) -> dict:
     """``prepare(params)`` over ``layers`` random layers of ``shape`` (donated, in one
-    call; its program compiled beforehand on one more layer), every layer then checked
-    against the reference. Returns the row of the results."""
+    call; its program compiled beforehand on one more layer), and the same layers by a loop
+    of ``prepare_layer``; every layer then checked against the reference. Returns the two
+    rows."""
     from . import _tree
     e, h, i, gated = shape
     spec = LayerSpec(e, h, i, gated)
@@ -572,25 +573,35 @@ def whole_model(name: str, shape, layers: int, device, bw: float) -> dict:
                                             device=device)))
 
     jax.block_until_ready(_tree.prepare({"warm-up": layer(-1)}, gated=gated))  # compile
-    params = {f"layers.{k}.mlp.experts": layer(k) for k in range(layers)}
-    jax.block_until_ready(params)
-    with _Poller(device) as poll:
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(_tree.prepare(params, gated=gated))
-        seconds = time.perf_counter() - t0
-    del params
-    for k in range(layers):  # every layer bit-exact before the time counts
-        got = out.pop(f"layers.{k}.mlp.experts")
-        src = layer(k)
-        Reference(spec, list(src.values())).check(
-            [got[n] for n in ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")],
-            f"prepare(params) layer {k}")
-        del got, src
+    names = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
     floor_ms = 1e3 * layers * floor_bytes(spec) / bw
-    return dict(shape=name, E=e, H=h, I=i, gated=gated, layers=layers,
-                impl="jax_nvfp4 prepare(params) donated", ms=1e3 * seconds,
-                ms_per_layer=1e3 * seconds / layers, x_floor=1e3 * seconds / floor_ms,
-                transient_bytes=int(poll.extra), model_bytes=layers * spec.nbytes)
+    out_rows = []
+    # The same layers through prepare(params), then through a loop of prepare_layer calls
+    # (what prepare adds over the per-layer calls).
+    for impl in ("prepare(params)", "prepare_layer loop"):
+        params = {f"layers.{k}.mlp.experts": layer(k) for k in range(layers)}
+        jax.block_until_ready(params)
+        with _Poller(device) as poll:
+            t0 = time.perf_counter()
+            if impl == "prepare(params)":
+                out = _tree.prepare(params, gated=gated)
+            else:
+                out = {key: dict(zip(names, _prepare.prepare_layer(
+                    *(v[n] for n in names), gated=gated))) for key, v in params.items()}
+            out = jax.block_until_ready(out)
+            seconds = time.perf_counter() - t0
+        del params
+        for k in range(layers):  # every layer bit-exact before the time counts
+            got = out.pop(f"layers.{k}.mlp.experts")
+            Reference(spec, list(layer(k).values())).check([got[n] for n in names],
+                                                           f"{impl} layer {k}")
+            del got
+        out_rows.append(dict(shape=name, E=e, H=h, I=i, gated=gated, layers=layers,
+                             impl=f"jax_nvfp4 {impl} donated", ms=1e3 * seconds,
+                             ms_per_layer=1e3 * seconds / layers,
+                             x_floor=1e3 * seconds / floor_ms, transient_bytes=int(poll.extra),
+                             model_bytes=layers * spec.nbytes))
+    return out_rows
 
 
 def run(args) -> int:
@@ -659,7 +670,7 @@ def run(args) -> int:
         save(False)
         print(f"{name}: done", flush=True)
     for name, shape, count in models:
-        model_rows.append(whole_model(name, shape, count, device, bw))
+        model_rows.extend(whole_model(name, shape, count, device, bw))
         save(False)
     table = _table(device, bw, rows, model_rows, meta)
     if FAILURES:
@@ -716,7 +727,7 @@ def _table(device, bw, rows, model_rows=(), meta=None) -> str:
                      f"{r['transient_bytes'] / 2**20:.0f} MiB ({share:.0%}) |")
     for r in model_rows:
         lines.append(f"\nwhole model: {r['layers']} layers of {r['shape']} ({r['E']}, {r['H']}, "
-                     f"{r['I']}), {r['model_bytes'] / 2**30:.1f} GiB: prepare(params) "
+                     f"{r['I']}), {r['model_bytes'] / 2**30:.1f} GiB: {r['impl']} "
                      f"{r['ms']:.1f} ms = {r['ms_per_layer']:.3f} ms per layer, "
                      f"{r['x_floor']:.2f}x floor, transient {r['transient_bytes'] / 2**20:.0f} MiB")
     for a in auto_summary(rows):

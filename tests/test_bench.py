@@ -47,8 +47,9 @@ def test_bench_padded_not_gated_and_a_whole_model_are_checked_and_named(tmp_path
     assert (padded["H"], padded["Hp"], padded["I"], padded["Ip"]) == (384, 512, 96, 128)
     assert padded["floor_bytes"] > 2 * padded["layer_bytes"]  # written padded
     assert not rows[("8,384,192,ng", "jax_nvfp4 xla donated")]["gated"]
-    (model,) = data["models"]
-    assert model["layers"] == 2 and model["ms_per_layer"] > 0
+    assert [m["impl"] for m in data["models"]] == ["jax_nvfp4 prepare(params) donated",
+                                                    "jax_nvfp4 prepare_layer loop donated"]
+    assert all(m["layers"] == 2 and m["ms_per_layer"] > 0 for m in data["models"])
     assert "per layer" in r.stdout
 
 
