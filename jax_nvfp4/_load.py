@@ -422,9 +422,15 @@ def load(path, *, prepare: bool = True, sharding=None, layers=None) -> dict:
                     if (k := queue.index(layer) + 1) < len(queue):  # read while this one moves
                         ahead.start(queue[k].prefix, read_layer, ckpt, queue[k],
                                     sharding=sharding)
-                    flat[layer.prefix] = load_layer(ckpt, layer, prepare=prepare,
-                                                    sharding=sharding, host=host)
+                    flat[layer.prefix] = out = load_layer(ckpt, layer, prepare=prepare,
+                                                          sharding=sharding, host=host)
                     del host
+                    if isinstance(out, PreparedLayer):  # survives a save and restore
+                        out[_marks.MARKER_KEY] = _marks.marker_array(_marks.marker_values(
+                            gated=layer.gated, experts=layer.spec.experts,
+                            hidden=layer.hidden, intermediate=layer.intermediate,
+                            padded_h=2 * out["w13_weight"].shape[2],
+                            padded_i=2 * out["w2_weight"].shape[2]), like=out["w13_weight"])
     return _nest(flat)
 
 

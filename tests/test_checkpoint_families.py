@@ -68,7 +68,7 @@ def test_family_detected_and_loaded_bit_exact(tmp_path, rng, family):
             assert_bytes_equal(prep[name], w, name)
             assert_bytes_equal(prep[name], r, name)
         assert_kernel_scalars(prep, want)
-        assert set(prep) == set(NAMES) | set(SCALES) | set(KERNEL)
+        assert set(prep) == set(NAMES) | set(SCALES) | set(KERNEL) | {"nvfp4_layout"}
     # everything else passes through, byte for byte (routers, norms, dense MLP, ...)
     flat = _flat(params)
     for name, x in tensors.items():

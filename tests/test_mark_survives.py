@@ -142,3 +142,17 @@ def test_sharded_marker_is_replicated(rng):
     out = jax_nvfp4.prepare({"moe": dict(zip(NAMES, layer))})
     marker = out["moe"]["nvfp4_layout"]
     assert marker.sharding.mesh == mesh and marker.sharding.is_fully_replicated
+
+
+def test_loaded_layers_carry_the_marker(tmp_path, new_process):
+    from jax_nvfp4.testing import write_checkpoint
+    write_checkpoint(tmp_path / "src", layers=1, experts=4, hidden=384, intermediate=64, seed=3)
+    params = jax_nvfp4.load(tmp_path / "src")
+    moe = params["model"]["layers"]["0"]["mlp"]["experts"]
+    assert tuple(np.asarray(moe["nvfp4_layout"])[1:]) == (_marks.LAYOUT_VERSION, 1, 4, 384, 64,
+                                                          512, 64)
+    restored = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), dict(moe))
+    with pytest.raises(ValueError, match="marker says so"):
+        jax_nvfp4.prepare({"moe": restored})
+    raw = jax_nvfp4.load(tmp_path / "src", prepare=False)["model"]["layers"]["0"]["mlp"]
+    assert "nvfp4_layout" not in raw["experts"]  # checkpoint layout: nothing to mark
