@@ -61,10 +61,30 @@ def jax_triton_missing() -> str | None:
     if importlib.util.find_spec("jax_triton") is None:
         return "jax-triton is not installed (pip install jax-triton)"
     try:
-        import jax_triton  # noqa: F401
+        _jax_triton()
     except Exception as e:  # noqa: BLE001 - a version mismatch raises various types
         return f"jax-triton does not import ({type(e).__name__}: {e})"
     return None
+
+
+def _jax_triton():
+    """``import jax_triton``, keeping ``TRITON_CACHE_DIR`` as it was: jax-triton 0.3.1 sets
+    it to "" at import, after which every launch through Triton's own runtime in this
+    process fails ("Could not create or locate cache dir"; seen on an H200: the
+    buffer_callback route, torch's Triton kernels). jax-triton's own compile path does not
+    use Triton's file cache."""
+    import sys
+    if "jax_triton" in sys.modules:
+        return sys.modules["jax_triton"]
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    try:
+        import jax_triton
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
+    return jax_triton
 
 
 def interpreting() -> bool:
@@ -178,7 +198,7 @@ def _xla_program(spec: LayerSpec, *, chunks, pad):
     aliased to its operands), which orders them on the stream. In place, the first call
     also returns the scratch (an XLA buffer that later calls take and give back).
     """
-    import jax_triton as jt
+    jt = _jax_triton()
 
     from . import _triton_kernels as k
 

@@ -210,3 +210,44 @@ def test_xla_route_kernels_compile_for_hopper_without_a_gpu():
         pytest.skip(f"this Triton cannot compile for CUDA here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["8", "v4", "9", "v4", "10", "v4"]
+
+
+def test_importing_jax_triton_keeps_tritons_cache_dir(monkeypatch, tmp_path):
+    """jax-triton 0.3.1 blanks TRITON_CACHE_DIR at import, which breaks Triton's own
+    launches afterwards (seen on an H200); the import here puts it back."""
+    import sys
+    import types
+
+    def fake_import():
+        __import__("os").environ["TRITON_CACHE_DIR"] = ""
+        return types.ModuleType("jax_triton")
+
+    monkeypatch.delitem(sys.modules, "jax_triton", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_Finder("jax_triton", fake_import), *sys.meta_path])
+    for value in (str(tmp_path), None):
+        monkeypatch.delitem(sys.modules, "jax_triton", raising=False)
+        if value is None:
+            monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_CACHE_DIR", value)
+        _triton._jax_triton()
+        assert __import__("os").environ.get("TRITON_CACHE_DIR") == value
+
+
+class _Finder:
+    """An import hook serving one module from a function (a stand-in jax_triton)."""
+
+    def __init__(self, name, make):
+        self.name, self.make = name, make
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.machinery
+        if name != self.name:
+            return None
+        return importlib.machinery.ModuleSpec(name, self)
+
+    def create_module(self, spec):
+        return self.make()
+
+    def exec_module(self, module):
+        pass
