@@ -187,13 +187,37 @@ def use_pallas(arrays) -> bool:
                           all(d.platform == "gpu" for d in x.devices()) for x in arrays)
 
 
-def auto_takes_triton(spec: LayerSpec, *, donate: bool, inverse: bool = False) -> bool:
-    """Whether ``backend="auto"`` takes the Triton kernels on CUDA (when installed) for a
-    (per-device) layer: where an array is too large for the Pallas row kernels
-    (:func:`needs_triton`), or in place where Triton moves gated w13 in one pass
-    (``_triton.w13_in_one_pass``: TP shards). Elsewhere the XLA path with Pallas spends
-    about the same device time and less host time (H200, benchmarks/NOTES.md)."""
-    return needs_triton(spec) or (donate and not inverse and _triton.w13_in_one_pass(spec))
+# Layers from which the Triton kernels' lower device time pays for the buffer_callback's
+# fixed cost (auto_takes_triton).
+TRITON_MIN_BYTES = 256 << 20
+
+
+def auto_takes_triton(spec: LayerSpec, *, donate: bool, inverse: bool = False,
+                      pallas: bool = True) -> bool:
+    """The rule of ``backend="auto"`` on CUDA: whether the Triton kernels prepare this
+    (per-device) layer rather than XLA (with the Pallas row kernels where ``pallas``).
+    ``resolve_backend`` then checks that Triton can run (CUDA arrays, torch and triton
+    installed). Each branch names its measurement: one H200, one run,
+    benchmarks/results/h200-2026-12-03-38b4dd417adf.json (wall ms, device ms in brackets;
+    Triton launched from a buffer_callback), and call 7 (benchmarks/NOTES.md)."""
+    if inverse:  # no kernel for the inverse
+        return False
+    if not pallas:  # XLA alone moves uint8 a byte per thread: a third of the copy bandwidth
+        return True
+    if needs_triton(spec):  # an array of 2 GiB or more stays off Pallas (int32 offsets):
+        return True  # DeepSeek-V3 donated 6.31 [5.46] vs xla 9.66 [8.97], not 5.82 [3.12] vs 6.25 [5.72]
+    large = spec.nbytes >= TRITON_MIN_BYTES
+    if spec.needs_padding:  # out of place either way (the padding is a new buffer):
+        # Nemotron-3-Nano (720 MB): triton 1.93 [1.33] vs xla 2.28 [1.69], donated or not;
+        # Qwen3-30B TP8 (40 MB): xla 0.63 [0.134] vs triton 0.69 [0.142] donated.
+        return large
+    if donate and _triton.w13_in_one_pass(spec):  # in place, w13 in one pass (2I <= 1024):
+        # DeepSeek-V3 TP8 (756 MB) donated: triton 4.17 [0.571] vs xla 4.85 [0.852];
+        # tiny (8, 256, 128; 1.3 MiB): xla 3.15 [0.055] vs triton 4.00 [0.141].
+        return large
+    # Qwen3-30B-A3B (2I = 1536: w13 through scratch): donated [0.377] xla vs [0.394] triton,
+    # not donated [0.202] vs [0.274]; DeepSeek-V3 TP8 not donated [0.449] vs [0.484].
+    return False
 
 
 def needs_triton(spec: LayerSpec) -> bool:
@@ -411,7 +435,7 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
     # Without Pallas, XLA moves the weights a byte per thread: Triton wins everywhere.
     resolved = resolve_backend(
         backend, arrays, inverse=inverse,
-        auto_triton=not pallas or auto_takes_triton(spec, donate=donate, inverse=inverse))
+        auto_triton=auto_takes_triton(spec, donate=donate, inverse=inverse, pallas=pallas))
     free = (free_bytes(next(iter(arrays[0].devices())))
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
     together = resolved == "triton" and not _triton.w13_in_one_pass(spec)
@@ -480,9 +504,11 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
         ``"flashinfer"`` runs the scale swizzle with flashinfer's
         ``block_scale_interleave`` kernel (CUDA only; needs torch and flashinfer; same
         bytes). ``"auto"`` picks ``"triton"`` on CUDA, when installed, where XLA would move
-        an array of 2 GiB or more (per device) a byte per thread, or in place where
-        Triton moves gated w13 in one pass (``2I`` a power of two up to 1024), else
-        ``"xla"``; never flashinfer (measured slower: see the README's Performance).
+        an array of 2 GiB or more (per device) a byte per thread, and for layers of
+        256 MiB or more (per device) that are padded or, donated, whose gated w13 Triton
+        moves in place in one pass (``2I`` a power of two up to 1024), else ``"xla"``;
+        never flashinfer (measured slower). The rule and its measurements:
+        ``_prepare.auto_takes_triton``.
     chunk_bytes : int, optional, keyword-only
         Scratch budget of the in-place loop (with ``"triton"``: gated w13 and its scales
         go through it together; default: 1/32 of the layer, at least

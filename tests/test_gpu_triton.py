@@ -26,8 +26,9 @@ def callback_route(monkeypatch):
     monkeypatch.setattr(_triton, "ROUTE", "callback")
 
 
-def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng):
+def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng, monkeypatch):
     from jax_nvfp4 import _prepare
+    monkeypatch.setattr(_prepare, "TRITON_MIN_BYTES", 0)  # its rule on a small layer
     layer = to_jax(random_layer(rng, 2, 128, 64))
     assert _backends.resolve_backend("auto", layer) == (
         "triton" if _backends.AUTO_PICKS_TRITON else "xla")

@@ -75,11 +75,17 @@ def test_in_place_program_needs_one_chunk_of_scratch(gated):
 
 
 def test_auto_takes_triton_for_large_arrays_and_one_pass_in_place():
-    deepseek, tp8, qwen3 = (LayerSpec(*s, True) for s in ((256, 7168, 2048), (256, 7168, 256),
-                                                          (128, 2048, 768)))
+    deepseek, tp8, qwen3, tiny = (LayerSpec(*s, True) for s in (
+        (256, 7168, 2048), (256, 7168, 256), (128, 2048, 768), (8, 256, 128)))
+    nemotron = LayerSpec(128, 2688, 1856, False)  # padded: H -> 2816, I -> 1920
+    qwen3_tp8 = LayerSpec(128, 2048, 96, True)     # padded: I -> 128 (40 MB)
     for donate in (True, False):
         assert _prepare.auto_takes_triton(deepseek, donate=donate)  # w13: 3.76 GB
         assert not _prepare.auto_takes_triton(qwen3, donate=donate)
+        assert _prepare.auto_takes_triton(nemotron, donate=donate)  # large, padded
+        assert not _prepare.auto_takes_triton(qwen3_tp8, donate=donate)  # small, padded
+        assert not _prepare.auto_takes_triton(tiny, donate=donate)
+        assert _prepare.auto_takes_triton(qwen3, donate=donate, pallas=False)
     assert _prepare.auto_takes_triton(tp8, donate=True)
     assert not _prepare.auto_takes_triton(tp8, donate=False)
     assert not _prepare.auto_takes_triton(tp8, donate=True, inverse=True)
