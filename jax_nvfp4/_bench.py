@@ -225,13 +225,16 @@ class Reference:
         p13 = _reference.w13_row_index(padded.shapes(padded=False)[0][1], gated=spec.gated)
         p2 = _reference.shuffle_index(padded.hidden)
 
+        # Per expert (lax.map): a gather over the whole array materializes int32 indices
+        # of 4x its size (Kimi-K2's w13: 21 GiB, out of memory on an H200).
         def rows(x, p):
-            return jnp.take(x, jnp.asarray(p), axis=1)
+            p = jnp.asarray(p)
+            return jax.lax.map(lambda xe: jnp.take(xe, p, axis=0), x)
 
         def swz(x):
             e, r, c = x.shape
-            return jnp.take(x.reshape(e, -1), jnp.asarray(_swizzle_index(r, c)),
-                            axis=1).reshape(e, r, c)
+            idx = jnp.asarray(_swizzle_index(r, c))
+            return jax.lax.map(lambda xe: jnp.take(xe.reshape(-1), idx).reshape(r, c), x)
 
         @jax.jit
         def f(*layer):
