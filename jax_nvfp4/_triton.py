@@ -19,6 +19,7 @@ which the tests set), slowly; that is for tests, not use.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import math
 import os
@@ -56,8 +57,10 @@ def route() -> str:
     return ROUTE
 
 
+@functools.lru_cache(maxsize=1)
 def jax_triton_missing() -> str | None:
-    """Why jax-triton cannot launch the kernels here (None when it can)."""
+    """Why jax-triton cannot launch the kernels here (None when it can). Asked once per
+    process (``route()`` runs on every call)."""
     if importlib.util.find_spec("jax_triton") is None:
         return "jax-triton is not installed (pip install jax-triton)"
     try:
