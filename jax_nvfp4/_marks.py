@@ -34,7 +34,12 @@ _PREPARED: dict[int, weakref.ref] = {}
 
 SAMPLES = 64  # bytes per fingerprint
 MAX_FINGERPRINTS = 4096
-CHECK_COPIES = True  # whether inputs are checked against the fingerprints
+# Whether inputs are checked against the fingerprints: True, False, or None (the
+# default) for arrays on the CPU (and numpy arrays) only. On a GPU the check waits for
+# the input and for the previous prepare's samples: about 3 ms a call on an H200
+# (benchmarks/NOTES.md), more than a small layer's whole preparation, and it serialises
+# a model's layers; there copies are caught by the marker leaf of prepare's trees.
+CHECK_COPIES: bool | None = None
 # key -> {sample bytes: None}, oldest first; pending: samples still on the device.
 _FINGERPRINTS: collections.OrderedDict = collections.OrderedDict()
 _PENDING: dict = {}
@@ -72,6 +77,8 @@ def _local(x):
     if isinstance(x, jax.Array):
         if isinstance(x, jax.core.Tracer) or x.is_deleted():
             return None
+        if CHECK_COPIES is None and any(d.platform != "cpu" for d in x.sharding.device_set):
+            return None  # not fingerprinted on accelerators by default (see CHECK_COPIES)
         if len(x.sharding.device_set) > 1:
             shard = x.addressable_shards[0]
             index = tuple((s.start, s.stop) for s in shard.index)
@@ -156,7 +163,7 @@ def copies(arrays) -> list[bool]:
     are :func:`is_marked`; this is for the other objects.
     """
     out = [False] * len(arrays)
-    if not CHECK_COPIES:
+    if CHECK_COPIES is False:
         return out
     try:
         local = [_local(x) for x in arrays]
