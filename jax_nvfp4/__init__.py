@@ -2,17 +2,25 @@
 
 Public API
 ----------
-prepare(params, *, gated, donate, backend)
-    Every MoE layer of a params pytree, to the layout of flashinfer's
-    ``trtllm_fp4_block_scale_moe``.
+prepare(params, *, gated, donate, backend, hidden_alignment, keys, w13_order, ...)
+    Every MoE layer of a params pytree (dicts, nnx states, dataclasses, ...), to the layout
+    of flashinfer's ``trtllm_fp4_block_scale_moe``.
 prepare_layer / unprepare_layer
-    One layer's four arrays, to the layout and back.
-PreparedLayer, is_prepared
-    The mark of a prepared layer.
+    One layer's four arrays, to the layout (padded) and back (cropped).
+PreparedLayer, is_prepared, PrepareError
+    The mark of a prepared layer (with its valid sizes); a failure that keeps earlier layers.
+fuse_gate_up, tp_interleave
+    Separate gate/up halves into w13; a checkpoint's w13 reordered for tensor parallelism.
 load(path, *, prepare, sharding, layers)
-    A ModelOpt NVFP4 checkpoint (or a prepared one) as JAX params, streamed layer by layer.
+    A ModelOpt NVFP4 checkpoint (or a prepared one) as JAX params, with the kernel's scalars.
+kernel_scales
+    The kernel's per-expert scalars and activation global scale from the checkpoint's scales.
+quantize_nvfp4, moe_forward
+    The kernel's activation quantizer; a reference MoE forward from either layout.
 dequantize_layer
     One layer's float values, from either layout.
+kernels
+    flashinfer's kernels as XLA FFI calls (``block_scale_interleave``, ``trtllm_fp4_moe``).
 """
 
 from . import kernels
