@@ -14,13 +14,14 @@ read, convert / (read + write). Each time is the best of ``--repeats``.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ._convert import _fsync
 
 
 def configure(p):
@@ -36,14 +37,6 @@ def configure(p):
     p.add_argument("--tmp", default=None, help="where to write temporary checkpoints")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.add_argument("--skip", default="", help="comma-separated steps to skip: load,convert")
-
-
-def _sync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _shards(path: Path) -> list[Path]:
@@ -122,11 +115,9 @@ def _st_read_write(path: Path, out: Path) -> int:
             tensors = {k: v if isinstance(v, torch.Tensor) else _to_torch(torch, v)
                        for k, v in tensors.items()}
         save_file(tensors, str(dst))
-        fd = os.open(dst, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        _fsync(dst)
     n = _st_read(path, write)
-    _sync_dir(out)
+    _fsync(out)
     return n
 
 

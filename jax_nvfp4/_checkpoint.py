@@ -160,25 +160,6 @@ class _Shard:
             begin, end = begin + first * itemsize, begin + (first + count) * itemsize
         return self._start + begin, end - begin
 
-    def pread(self, offset: int, out) -> None:
-        """Fill the contiguous buffer ``out`` with the file's bytes from ``offset``.
-
-        Thread-safe (``os.preadv`` on one descriptor, no shared position) and without
-        the GIL while the kernel copies, so several threads read in parallel.
-        """
-        view = memoryview(out).cast("B")
-        fd, done = self._descriptor(), 0
-        while done < len(view):
-            try:
-                n = os.preadv(fd, [view[done:]], offset + done)
-            except OSError as e:  # name the shard (preadv's error names no file)
-                e.filename = str(self.path)
-                raise
-            if n <= 0:
-                raise CheckpointError(f"{self.path}: cut short at byte {offset + done} "
-                                      f"(reading {len(view)} bytes at {offset}); truncated?")
-            done += n
-
     def _descriptor(self) -> int:
         fd = getattr(self, "_fd", None)
         if fd is None:
