@@ -98,6 +98,20 @@ def test_tree_gate_up_order(rng):
             assert_bytes_equal(out["layers"][k]["moe"][name], want, f"layer {k} {name}")
 
 
+def _rank_layer(host, mesh, shard, t, i_local):
+    """The reference of what ``shard``'s device holds: its TP rank's own layer, prepared
+    (``host`` in the checkpoint layout, w13 rows [up; gate], ``t`` ranks of ``i_local``)."""
+    w13, s13, w2, s2 = host
+    e, j = shard.index[0], int(np.argwhere(mesh.devices == shard.device)[0][1])
+    up = slice(j * i_local, (j + 1) * i_local)
+    gate = slice(t * i_local + j * i_local, t * i_local + (j + 1) * i_local)
+    local = [np.concatenate([w13[e, up], w13[e, gate]], axis=1),
+             np.concatenate([s13[e, up], s13[e, gate]], axis=1),
+             w2[e, :, j * i_local // 2:(j + 1) * i_local // 2],
+             s2[e, :, j * i_local // 16:(j + 1) * i_local // 16]]
+    return _reference.prepare_layer(*local)
+
+
 def test_sharded_tp_layer_in_gate_up_order(rng):
     """I split over devices: each device's rows are its own [gate_j; up_j]; swapped per device."""
     devices = jax.devices("cpu")[:4]
@@ -113,18 +127,10 @@ def test_sharded_tp_layer_in_gate_up_order(rng):
     arrays = to_jax([tp13[0], tp13[1], host[2], host[3]])
     layer = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(arrays, specs)]
     out = jax_nvfp4.prepare_layer(*layer, w13_order="gate_up", chunk_bytes=4096)
-    w13, s13, w2, s2 = host
     for k, o in enumerate(out):
         assert o.sharding == layer[k].sharding
         for shard in o.addressable_shards:
-            e, j = shard.index[0], int(np.argwhere(mesh.devices == shard.device)[0][1])
-            up = slice(j * i_local, (j + 1) * i_local)
-            gate = slice(t * i_local + j * i_local, t * i_local + (j + 1) * i_local)
-            local = [np.concatenate([w13[e, up], w13[e, gate]], axis=1),
-                     np.concatenate([s13[e, up], s13[e, gate]], axis=1),
-                     w2[e, :, j * i_local // 2:(j + 1) * i_local // 2],
-                     s2[e, :, j * i_local // 16:(j + 1) * i_local // 16]]
-            assert_bytes_equal(shard.data, _reference.prepare_layer(*local)[k],
+            assert_bytes_equal(shard.data, _rank_layer(host, mesh, shard, t, i_local)[k],
                                f"{NAMES[k]} on {shard.device}")
 
 
@@ -259,7 +265,6 @@ def test_separate_gate_up_sharded_fused_on_each_device(rng, split_i):
     for n in moe:
         moe[n] = jax.device_put(moe[n], NamedSharding(mesh, cols if n.startswith("w2") else rows))
     out = jax_nvfp4.prepare({"moe": moe}, chunk_bytes=4096)["moe"]
-    w13, s13, w2, s2 = host
     for k, name in enumerate(NAMES):
         assert out[name].sharding.is_equivalent_to(
             NamedSharding(mesh, cols if k > 1 else rows), 3)
@@ -267,14 +272,7 @@ def test_separate_gate_up_sharded_fused_on_each_device(rng, split_i):
             assert_bytes_equal(out[name], _reference.prepare_layer(*host)[k], name)
             continue
         for shard in out[name].addressable_shards:  # each device: its own rank's layer
-            e, j = shard.index[0], int(np.argwhere(mesh.devices == shard.device)[0][1])
-            up = slice(j * i_local, (j + 1) * i_local)
-            gate = slice(t * i_local + j * i_local, t * i_local + (j + 1) * i_local)
-            local = [np.concatenate([w13[e, up], w13[e, gate]], axis=1),
-                     np.concatenate([s13[e, up], s13[e, gate]], axis=1),
-                     w2[e, :, j * i_local // 2:(j + 1) * i_local // 2],
-                     s2[e, :, j * i_local // 16:(j + 1) * i_local // 16]]
-            assert_bytes_equal(shard.data, _reference.prepare_layer(*local)[k],
+            assert_bytes_equal(shard.data, _rank_layer(host, mesh, shard, t, i_local)[k],
                                f"{name} on {shard.device}")
 
 
