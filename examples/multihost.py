@@ -36,7 +36,7 @@ def _child(args) -> int:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     import jax_nvfp4
-    from jax_nvfp4 import _reference
+    from jax_nvfp4.layout import reference as _reference
     from jax_nvfp4.testing import random_layer
 
     # The same host bytes in every process (same seed); each builds only its own shards.

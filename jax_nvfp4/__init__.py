@@ -24,14 +24,14 @@ kernels
 """
 
 from . import kernels
-from ._dequant import dequantize_layer
-from ._forward import moe_forward
-from ._load import load
-from ._prepare import prepare_layer, unprepare_layer
-from ._quant import quantize_nvfp4
-from ._scales import kernel_scales
-from ._tree import PrepareError, PreparedLayer, fuse_gate_up, is_prepared, prepare
-from ._tp import tp_interleave
+from .numerics.dequant import dequantize_layer
+from .numerics.forward import moe_forward
+from .checkpoint.load import load
+from .transform import prepare_layer, unprepare_layer
+from .numerics.quant import quantize_nvfp4
+from .numerics.scales import kernel_scales
+from .tree.prepare import PrepareError, PreparedLayer, fuse_gate_up, is_prepared, prepare
+from .tree.tp import tp_interleave
 
 __version__ = "0.1.0"
 

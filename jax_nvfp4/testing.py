@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._spec import SCALE_DTYPE, LayerSpec
+from .layout.spec import SCALE_DTYPE, LayerSpec
 
 
 def random_layer(rng: np.random.Generator, experts: int, hidden: int, intermediate: int, *,
@@ -152,7 +152,7 @@ def write_checkpoint(path, *, naming: str = "qwen3", layers: int = 2, experts: i
     import ml_dtypes
     from safetensors.numpy import save_file
 
-    from ._checkpoint import INDEX, NAMINGS
+    from .checkpoint.read import INDEX, NAMINGS
 
     if naming not in FAMILIES:
         raise ValueError(f"naming must be one of {sorted(FAMILIES)}, got {naming!r}")

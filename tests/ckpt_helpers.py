@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from jax_nvfp4._checkpoint import INDEX, NAMINGS
+from jax_nvfp4.checkpoint.read import INDEX, NAMINGS
 from jax_nvfp4.testing import FAMILIES, experts_prefix
 
 MOE = {"qwen3": "mlp", "mixtral": "block_sparse_moe"}

@@ -33,7 +33,7 @@ def assert_no_race(rng, backend: str, rounds: int = 200):
     outputs queued behind the kernels with no sync, then unprepared: every sum and the
     final bytes must match (a kernel off XLA's stream would race with that work)."""
     import jax_nvfp4
-    from jax_nvfp4 import _reference
+    from jax_nvfp4.layout import reference as _reference
     host = random_layer(rng, 8, 1024, 512)
     want = [np.asarray(w).view(np.uint8) for w in _reference.prepare_layer(*host, gated=True)]
     sums_want = [int(w.astype(np.uint64).sum()) for w in want]

@@ -8,8 +8,10 @@ import sys
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _backends, _prepare, _reference
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4.backends import select as _backends
+from jax_nvfp4 import transform as _prepare
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.layout.spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 
@@ -18,8 +20,8 @@ pytestmark = pytest.mark.usefixtures("on_cpu")
 
 def test_import_needs_neither_torch_nor_flashinfer():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['flashinfer'] = None\n"
-            "import jax_nvfp4, torch_bridge, jax_nvfp4._backends\n"
-            "assert 'torch is not installed' in jax_nvfp4._backends.flashinfer_missing()\n")
+            "import jax_nvfp4, torch_bridge, jax_nvfp4.backends.select\n"
+            "assert 'torch is not installed' in jax_nvfp4.backends.select.flashinfer_missing()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
 

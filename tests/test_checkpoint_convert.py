@@ -15,10 +15,12 @@ import safetensors.numpy
 from safetensors import safe_open
 
 import jax_nvfp4
-from jax_nvfp4 import _cli, _convert, _inspect, _load, _reference
-from jax_nvfp4._cli import UserError
-from jax_nvfp4._checkpoint import INDEX, PREPARED_JSON, open_checkpoint
-from jax_nvfp4._spec import NAMES
+from jax_nvfp4 import cli as _cli
+from jax_nvfp4.checkpoint import convert as _convert, inspect as _inspect, load as _load
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.cli import UserError
+from jax_nvfp4.checkpoint.read import INDEX, PREPARED_JSON, open_checkpoint
+from jax_nvfp4.layout.spec import NAMES
 from jax_nvfp4.testing import write_checkpoint
 from ckpt_helpers import MOE, cli, prefix, scalars, stacked
 from helpers import assert_bytes_equal, to_jax

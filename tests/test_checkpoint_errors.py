@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _cli, _load
-from jax_nvfp4._checkpoint import INDEX
+from jax_nvfp4 import cli as _cli
+from jax_nvfp4.checkpoint import load as _load
+from jax_nvfp4.checkpoint.read import INDEX
 from jax_nvfp4.testing import experts_prefix, write_checkpoint
 from ckpt_helpers import cli, rewrite, shard_of
 

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _cli, _inspect, _reference
-from jax_nvfp4._checkpoint import CheckpointError, open_checkpoint
-from jax_nvfp4._spec import NAMES
+from jax_nvfp4 import cli as _cli
+from jax_nvfp4.checkpoint import inspect as _inspect
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.checkpoint.read import CheckpointError, open_checkpoint
+from jax_nvfp4.layout.spec import NAMES
 from jax_nvfp4.testing import write_checkpoint
 from ckpt_helpers import (GATED, KERNEL, assert_kernel_scalars, experts_of, kernel_reference,
                           prefix, rewrite, scalars, stacked)

@@ -15,9 +15,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_nvfp4
-from jax_nvfp4 import _convert, _load
-from jax_nvfp4._checkpoint import CheckpointError, open_checkpoint
-from jax_nvfp4._spec import NAMES
+from jax_nvfp4.checkpoint import convert as _convert, load as _load
+from jax_nvfp4.checkpoint.read import CheckpointError, open_checkpoint
+from jax_nvfp4.layout.spec import NAMES
 from jax_nvfp4.testing import write_checkpoint
 from ckpt_helpers import MOE, cli, prefix, rewrite, stacked
 

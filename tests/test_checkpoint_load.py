@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _reference
-from jax_nvfp4._spec import NAMES
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.layout.spec import NAMES
 from jax_nvfp4.testing import write_checkpoint
 from ckpt_helpers import KERNEL, MOE, assert_kernel_scalars, kernel_reference, scalars, stacked
 from helpers import assert_bytes_equal, to_jax
@@ -192,7 +192,7 @@ def test_bad_arguments(tmp_path, rng):
 
 
 def _convert(src, dst):
-    from jax_nvfp4 import _convert
+    from jax_nvfp4.checkpoint import convert as _convert
     _convert.convert(src, dst, progress=False)
 
 
@@ -234,7 +234,7 @@ def _without_kernel_scalars(path):
     """A converted checkpoint as convert wrote it before it stored the kernel's scalars."""
     import json
 
-    from jax_nvfp4._checkpoint import open_checkpoint
+    from jax_nvfp4.checkpoint.read import open_checkpoint
     from ckpt_helpers import rewrite
 
     with open_checkpoint(path) as ckpt:
@@ -258,7 +258,7 @@ def test_reads_checkpoints_converted_before_the_kernel_scalars(tmp_path, rng):
 
 @pytest.mark.parametrize("case", ["missing", "shape", "value"])
 def test_bad_kernel_scalars_in_a_converted_checkpoint(tmp_path, rng, case):
-    from jax_nvfp4._checkpoint import open_checkpoint
+    from jax_nvfp4.checkpoint.read import open_checkpoint
     from ckpt_helpers import rewrite
 
     src, dst = tmp_path / "src", tmp_path / "dst"
@@ -277,7 +277,7 @@ def test_bad_kernel_scalars_in_a_converted_checkpoint(tmp_path, rng, case):
 
 
 def test_inspect_shows_the_activation_maxima_and_gate_up(tmp_path, rng):
-    from jax_nvfp4 import _inspect
+    from jax_nvfp4.checkpoint import inspect as _inspect
 
     same, split = tmp_path / "same", tmp_path / "split"
     t = write_checkpoint(same, layers=1, experts=3, hidden=384, seed=_seed(rng))

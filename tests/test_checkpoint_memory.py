@@ -15,8 +15,8 @@ import jax
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _convert
-from jax_nvfp4._checkpoint import open_checkpoint
+from jax_nvfp4.checkpoint import convert as _convert
+from jax_nvfp4.checkpoint.read import open_checkpoint
 from jax_nvfp4.testing import write_checkpoint
 
 # (layers, experts): the base, 4x deeper, layers 2x larger. H=256, I=512: the experts are

@@ -38,7 +38,8 @@ def test_errors_and_signals_map_to_exit_codes(monkeypatch, capsys):
 
     from safetensors import SafetensorError
 
-    from jax_nvfp4 import _cli, _inspect
+    from jax_nvfp4 import cli as _cli
+    from jax_nvfp4.checkpoint import inspect as _inspect
 
     for error, code, text in [(SafetensorError("No space left on device"), 2, "error: No space"),
                               (OSError(5, "Input/output error"), 2, "error: [Errno 5]"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _reference
+from jax_nvfp4.layout import reference as _reference
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
@@ -88,7 +88,7 @@ def test_nnx_declared_marker_is_filled(rng):
     prepared = jax_nvfp4.prepare(state)
     merged = nnx.merge(graphdef, prepared)
     marker = np.asarray(merged.experts.nvfp4_layout.get_value())
-    assert marker[0] == jax_nvfp4._marks.MAGIC and tuple(marker[3:6]) == (2, 256, 64)
+    assert marker[0] == jax_nvfp4.tree.marks.MAGIC and tuple(marker[3:6]) == (2, 256, 64)
 
 
 def test_nnx_module_itself(rng):

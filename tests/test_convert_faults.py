@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 from safetensors import SafetensorError
 
-from jax_nvfp4 import _cli, _convert, _fslock
-from jax_nvfp4._cli import UserError
+from jax_nvfp4 import cli as _cli
+from jax_nvfp4.checkpoint import convert as _convert, fslock as _fslock
+from jax_nvfp4.cli import UserError
 from jax_nvfp4.testing import write_checkpoint
 
 SHARDS = 4  # the non-layer tensors + 3 decoder layers

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4.layout.spec import LayerSpec
 from helpers import random_layer, to_jax
 
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _prepare
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4 import transform as _prepare
+from jax_nvfp4.layout.spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 

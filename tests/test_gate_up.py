@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_nvfp4
-from jax_nvfp4 import _reference
+from jax_nvfp4.layout import reference as _reference
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
@@ -186,7 +186,7 @@ def test_fuse_gate_up_helper_and_its_memory(rng):
     assert_bytes_equal(s13, host[1], "w13 scale")
     assert all(x.is_deleted() for x in (gate, gate_s, up, up_s))  # freed right after
     # the program writes one new buffer per output and needs no other scratch
-    from jax_nvfp4 import _fuse
+    from jax_nvfp4.tree import fuse as _fuse
     args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (gate, gate_s, up, up_s)]
     stats = _fuse._fuse_program(None).lower(*args).compile().memory_analysis()
     if stats is not None:
@@ -240,7 +240,7 @@ def test_separate_gate_up_in_a_fixed_container_is_refused(rng):
 def test_swap_runs_in_place_with_one_chunk_of_scratch():
     """The gate_up swap is one jitted program over the donated w13 and scales: aliased
     (no second copy) with at most one chunk of experts as scratch."""
-    from jax_nvfp4 import _fuse
+    from jax_nvfp4.tree import fuse as _fuse
     e, r, k = 16, 256, 512
     args = [jax.ShapeDtypeStruct((e, r, k), jnp.uint8),
             jax.ShapeDtypeStruct((e, r, k // 8), jnp.float8_e4m3fn)]
@@ -279,7 +279,7 @@ def test_separate_gate_up_sharded_fused_on_each_device(rng, split_i):
 def test_a_failure_after_fusing_keeps_the_fused_layer(rng, monkeypatch):
     """The halves are consumed by the fusion: if the layout then fails (out of memory), the
     error's params hold the fused, unprepared w13, so a resume loses nothing."""
-    from jax_nvfp4 import _tree
+    from jax_nvfp4.tree import prepare as _tree
     host = random_layer(rng, 2, 256, 64)
     moe = _separate(host)
 

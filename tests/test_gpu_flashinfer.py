@@ -14,8 +14,8 @@ fi_core = pytest.importorskip("flashinfer.fused_moe.core")
 
 import jax_nvfp4
 import torch_bridge
-from jax_nvfp4 import _reference
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.layout.spec import LayerSpec
 from helpers import assert_bytes_equal, assert_no_race, random_layer, to_jax
 
 NAMES = ("w13", "w13_scale", "w2", "w2_scale")

@@ -21,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
-from jax_nvfp4._quant import quantize_nvfp4
+from jax_nvfp4.numerics.quant import quantize_nvfp4
 from test_quantize import F32, bf16, ref_quantize
 
 SHAPES = [(1, 256), (37, 2688), (128, 7168), (517, 1024)]

@@ -10,8 +10,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import jax_nvfp4
-from jax_nvfp4 import _backends, _bench, _reference, _triton
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4.backends import select as _backends
+from jax_nvfp4.bench import layout as _bench
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.backends.triton import program as _triton
+from jax_nvfp4.layout.spec import LayerSpec
 from jax_nvfp4.testing import random_device_layer
 from helpers import assert_bytes_equal, assert_no_race, random_layer, to_jax
 
@@ -27,7 +30,7 @@ def callback_route(monkeypatch):
 
 
 def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng, monkeypatch):
-    from jax_nvfp4 import _prepare
+    from jax_nvfp4 import transform as _prepare
     monkeypatch.setattr(_prepare, "TRITON_MIN_BYTES", 0)  # its rule on a small layer
     layer = to_jax(random_layer(rng, 2, 128, 64))
     assert _backends.resolve_backend("auto", layer) == (
@@ -97,7 +100,7 @@ def test_200_prepares_interleaved_with_jax_work_have_no_race(rng):
 def test_xla_route_is_custom_calls_in_place_without_a_callback(rng, donate):
     """With jax-triton the program holds jaxlib's Triton custom calls and no Python
     callback; donated, the outputs are the inputs' buffers."""
-    from jax_nvfp4 import _prepare
+    from jax_nvfp4 import transform as _prepare
     assert _triton.route() == "xla"
     layer = random_layer(rng, 20, 512, 256)
     arrays = to_jax(layer)
@@ -115,7 +118,7 @@ def test_xla_route_is_custom_calls_in_place_without_a_callback(rng, donate):
 
 @pytest.mark.usefixtures("callback_route")
 def test_kernels_launch_without_tritons_dispatch(rng):
-    from jax_nvfp4 import _triton_kernels
+    from jax_nvfp4.backends.triton import kernels as _triton_kernels
     jax.block_until_ready(jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, 2, 256, 128)),
                                                   backend="triton"))
     assert _triton_kernels._ARGS_MODE, "the direct launch path was not taken"
@@ -124,7 +127,7 @@ def test_kernels_launch_without_tritons_dispatch(rng):
 @pytest.mark.usefixtures("callback_route")
 def test_a_failing_direct_launch_falls_back_to_tritons_dispatch(rng, monkeypatch):
     """The direct launch uses Triton internals; if they change, the bytes must not."""
-    from jax_nvfp4 import _triton_kernels
+    from jax_nvfp4.backends.triton import kernels as _triton_kernels
 
     def broken(*args, **kwargs):
         raise AttributeError("no such launcher")

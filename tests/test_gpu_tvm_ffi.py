@@ -15,7 +15,9 @@ pytest.importorskip("jax_tvm_ffi")
 
 import jax_nvfp4
 import torch_bridge
-from jax_nvfp4 import _backends, _layout, _reference, kernels
+from jax_nvfp4.backends import select as _backends
+from jax_nvfp4.layout import index as _layout, reference as _reference
+from jax_nvfp4 import kernels
 from helpers import assert_bytes_equal, assert_no_race, random_layer, to_jax
 
 SHAPES = [(1, 128, 4), (3, 256, 8), (5, 384, 28), (2, 100, 6), (64, 4096, 448)]

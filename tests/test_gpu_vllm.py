@@ -17,8 +17,9 @@ torch = pytest.importorskip("torch")
 
 import jax_nvfp4
 import vllm_source
-from jax_nvfp4 import _reference, _triton
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.backends.triton import program as _triton
+from jax_nvfp4.layout.spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")

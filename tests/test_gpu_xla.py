@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _prepare, _reference
-from jax_nvfp4._spec import SCALE_DTYPE, LayerSpec
+from jax_nvfp4 import transform as _prepare
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.layout.spec import SCALE_DTYPE, LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 pytestmark = pytest.mark.gpu

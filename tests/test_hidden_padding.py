@@ -11,8 +11,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_nvfp4
 import vllm_source
-from jax_nvfp4 import _backends, _prepare, _reference, _triton
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4.backends import select as _backends
+from jax_nvfp4 import transform as _prepare
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.backends.triton import program as _triton
+from jax_nvfp4.layout.spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")

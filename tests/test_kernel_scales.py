@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4._scales import KERNEL_NAMES
+from jax_nvfp4.numerics.scales import KERNEL_NAMES
 
 F32 = np.float32
 
@@ -151,7 +151,7 @@ def test_reciprocal_correctly_rounded(rng):
     # XLA on CUDA divides float32 approximately; kernel_scales' reciprocals must not
     # depend on it. Checked against numpy's IEEE division across the exponent range,
     # powers of two and their neighbours included.
-    from jax_nvfp4._scales import reciprocal
+    from jax_nvfp4.numerics.scales import reciprocal
 
     n = 100_000
     x = (rng.uniform(1, 2, n) * 2.0 ** rng.integers(-124, 125, n)).astype(F32)

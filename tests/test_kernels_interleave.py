@@ -18,7 +18,8 @@ import pytest
 
 pytest.importorskip("jax_tvm_ffi")
 
-from jax_nvfp4 import _backends, _reference
+from jax_nvfp4.backends import select as _backends
+from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.kernels import _ffi, _interleave, block_scale_interleave
 from helpers import assert_bytes_equal
 

@@ -21,7 +21,7 @@ pytest.importorskip("jax_tvm_ffi")
 import tvm_ffi
 
 import jax_nvfp4
-from jax_nvfp4 import _quant
+from jax_nvfp4.numerics import quant as _quant
 from jax_nvfp4.kernels import _ffi, _moe
 from jax_nvfp4.kernels import trtllm_fp4_moe as _trtllm_fp4_moe
 

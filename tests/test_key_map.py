@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _reference
+from jax_nvfp4.layout import reference as _reference
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 fi_core = pytest.importorskip("flashinfer.fused_moe.core")
 
 import jax_nvfp4
-from jax_nvfp4 import _reference
+from jax_nvfp4.layout import reference as _reference
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 EPILOGUE_TILE_M = 128  # what sglang, vLLM and TRT-LLM pass

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _marks, _reference
+from jax_nvfp4.tree import marks as _marks
+from jax_nvfp4.layout import reference as _reference
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")

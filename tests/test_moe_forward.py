@@ -15,7 +15,7 @@ import pytest
 import jax_nvfp4
 import moe_reference_numpy as ref
 from helpers import random_layer, to_jax
-from jax_nvfp4._spec import NAMES
+from jax_nvfp4.layout.spec import NAMES
 
 
 def finite_scale_bytes(rng, shape, lo=0x00):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from jax_nvfp4 import _prepare, _reference
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4 import transform as _prepare
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.layout.spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 

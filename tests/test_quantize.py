@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jax_nvfp4._quant import dequantize_nvfp4, quantize_nvfp4
+from jax_nvfp4.numerics.quant import dequantize_nvfp4, quantize_nvfp4
 
 F32 = np.float32
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float64)

@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import jax_nvfp4
-from jax_nvfp4 import _reference
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.layout.spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 layers = st.tuples(

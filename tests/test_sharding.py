@@ -15,8 +15,10 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jax_nvfp4
-from jax_nvfp4 import _prepare, _reference, _sharding
-from jax_nvfp4._spec import NAMES
+from jax_nvfp4 import transform as _prepare
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.tree import sharding as _sharding
+from jax_nvfp4.layout.spec import NAMES
 from helpers import assert_bytes_equal, random_layer
 
 CPUS = jax.devices("cpu")
@@ -111,7 +113,7 @@ def test_each_device_prepares_its_experts(rng, shape, names, spec, explicit, don
 def test_compiled_program_is_local_with_no_collectives(spec, inverse):
     mesh = _mesh((2, 4), ("a", "b"))
     specs = (spec,) * 4 if isinstance(spec, P) else spec
-    host_shapes = jax_nvfp4._spec.LayerSpec(16, 256, 256, True).shapes(padded=False)
+    host_shapes = jax_nvfp4.layout.spec.LayerSpec(16, 256, 256, True).shapes(padded=False)
     args = [jax.ShapeDtypeStruct(s, jnp.uint8, sharding=NamedSharding(mesh, p))
             for s, p in zip(host_shapes, specs)]
     plan = _sharding.plan(args, gated=True, prepared=inverse)
@@ -246,7 +248,7 @@ def test_refusals_leave_the_arrays_alive(rng):
 def test_uneven_shards_are_refused(e, i, specs, match):
     # JAX itself refuses to place such arrays; abstract ones reach the check.
     mesh = _mesh((2, 4), ("a", "b"))
-    shapes = jax_nvfp4._spec.LayerSpec(e, 128, i, True).shapes(padded=False)
+    shapes = jax_nvfp4.layout.spec.LayerSpec(e, 128, i, True).shapes(padded=False)
     args = [jax.ShapeDtypeStruct(s, jnp.uint8, sharding=NamedSharding(mesh, p))
             for s, p in zip(shapes, specs)]
     with pytest.raises(ValueError, match=match):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_nvfp4 import _layout, _reference
+from jax_nvfp4.layout import index as _layout, reference as _reference
 
 
 def kernel_offsets_loop(rows, cols):

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch_bridge
-from jax_nvfp4 import _reference
+from jax_nvfp4.layout import reference as _reference
 
 pytestmark = pytest.mark.usefixtures("on_cpu")  # CPU arrays, also on a GPU machine
 

@@ -10,8 +10,11 @@ import jax
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import _backends, _prepare, _reference, _triton
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4.backends import select as _backends
+from jax_nvfp4 import transform as _prepare
+from jax_nvfp4.layout import reference as _reference
+from jax_nvfp4.backends.triton import program as _triton
+from jax_nvfp4.layout.spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
@@ -161,7 +164,7 @@ def test_route_is_xla_with_jax_triton_and_callback_in_the_interpreter(monkeypatc
 
 @pytest.mark.skipif(_triton.missing() is not None, reason="needs triton")
 def test_xla_route_maps_the_plans_buffers_and_offsets_onto_call_parameters():
-    from jax_nvfp4 import _triton_kernels as k
+    from jax_nvfp4.backends.triton import kernels as k
     spec = LayerSpec(8, 2048, 768, True)  # 1536 rows: w13 and its scales through scratch
     launches = _triton._plan(spec, (3, 3, 3, 3))
     per = [s[1] * s[2] for s in spec.shapes(padded=True)[:2]]
@@ -182,8 +185,8 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from jax_nvfp4 import _triton, _triton_kernels as k
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4.backends.triton import program as _triton, kernels as k
+from jax_nvfp4.layout.spec import LayerSpec
 spec = LayerSpec(64, 7168, 256, True)
 for n in (8, 9, 10):
     launch = _triton._plan(spec, None if n == 8 else (8, 8, 8, 8))[0 if n < 10 else 1]

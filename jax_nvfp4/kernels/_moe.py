@@ -178,7 +178,7 @@ def _int(name, v, low=0):
 
 def _check(x, layer, topk_ids, topk_weights, activation, num_experts, local_expert_offset):
     """Every argument against the kernel's contract; returns the sizes it needs."""
-    from .._tree import PreparedLayer
+    from ..tree.prepare import PreparedLayer
 
     if not isinstance(layer, Mapping):
         raise TypeError(f"layer: expected a PreparedLayer mapping (as jax_nvfp4.load or "
@@ -350,7 +350,7 @@ def trtllm_fp4_moe(x, layer, topk_ids, topk_weights, *, activation: str = "swigl
         workspace_bytes = _workspace_bytes(sizes, activation, devices)
     workspace_bytes = _int("workspace_bytes", workspace_bytes)
 
-    from .._quant import quantize_nvfp4
+    from ..numerics.quant import quantize_nvfp4
 
     xp = x if x.shape[1] == hp else jnp.pad(x, ((0, 0), (0, hp - x.shape[1])))
     packed, sf = quantize_nvfp4(xp, layer[GLOBAL], fast_math=fast_math)

@@ -23,10 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _backends, _prepare, _reference, _triton
-from ._cli import UserError
-from ._spec import LayerSpec
-from .testing import random_device_layer
+from ..backends import select as _backends
+from .. import transform as _prepare
+from ..layout import reference as _reference
+from ..backends.triton import program as _triton
+from ..cli import UserError
+from ..layout.spec import LayerSpec
+from ..testing import random_device_layer
 
 # name: (E, H, I, gated). Padded ones: Qwen3-30B TP8's I = 96 -> 128 (gated: each half a
 # multiple of 64), Nemotron-3-Nano's H = 2688 -> 2816 (hidden_alignment=256), I = 1856 -> 1920.
@@ -225,23 +228,25 @@ class Reference:
         p13 = _reference.w13_row_index(padded.shapes(padded=False)[0][1], gated=spec.gated)
         p2 = _reference.shuffle_index(padded.hidden)
 
-        # Per expert (lax.map): a gather over the whole array materializes int32 indices
-        # of 4x its size (Kimi-K2's w13: 21 GiB, out of memory on an H200).
-        def rows(x, p):
-            p = jnp.asarray(p)
-            return jax.lax.map(lambda xe: jnp.take(xe, p, axis=0), x)
-
-        def swz(x):
-            e, r, c = x.shape
-            idx = jnp.asarray(_swizzle_index(r, c))
-            return jax.lax.map(lambda xe: jnp.take(xe.reshape(-1), idx).reshape(r, c), x)
-
+        # One expert per call, stacked: a gather over the whole array (even under lax.map,
+        # which XLA turned back into one) materializes int32 indices of 4x its size
+        # (Kimi-K2's w13: 21 GiB, out of memory on an H200).
         @jax.jit
-        def f(*layer):
-            w13, s13, w2, s2 = pad_layer(spec, layer)
+        def expert(w13, s13, w2, s2):
+            def rows(x, p):
+                return x[jnp.asarray(p)]
+
+            def swz(x):
+                r, c = x.shape
+                idx = jnp.asarray(_swizzle_index(r, c))
+                return x.reshape(-1)[idx].reshape(r, c)
             return rows(w13, p13), swz(rows(s13, p13)), rows(w2, p2), swz(rows(s2, p2))
 
-        self.out = jax.block_until_ready(f(*layer))
+        padded_layer = pad_layer(spec, layer)
+        per_expert = [expert(*(x[e] for x in padded_layer)) for e in range(spec.experts)]
+        del padded_layer
+        self.out = jax.block_until_ready([jnp.stack(xs) for xs in zip(*per_expert)])
+        del per_expert
         # The device reference itself against the numpy reference, on a few experts.
         pick = np.unique(np.random.default_rng(0).integers(0, spec.experts, 3))
         host = [np.asarray(x) for x in jax.jit(
@@ -485,7 +490,7 @@ def _torch_rows(spec, layer, ref, repeats):
 
 def _swizzle_rows(spec, layer, ref, repeats, device):
     """The scale swizzle alone on w13's scale bytes: XLA transpose vs flashinfer's kernel."""
-    from . import _layout
+    from ..layout import index as _layout
     s13 = jax.block_until_ready(_as_u8(ref.out[1]))  # any bytes; swizzle the reference's
     want = jax.jit(lambda x: jnp.take(x.reshape(x.shape[0], -1), jnp.asarray(
         _swizzle_index(*x.shape[1:])), axis=1))(s13)
@@ -566,7 +571,7 @@ def whole_model(name: str, shape, layers: int, device, bw: float) -> dict:
     call; its program compiled beforehand on one more layer), and the same layers by a loop
     of ``prepare_layer``; every layer then checked against the reference. Returns the two
     rows."""
-    from . import _tree
+    from ..tree import prepare as _tree
     e, h, i, gated = shape
     spec = LayerSpec(e, h, i, gated)
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._scales import reciprocal
+from .scales import reciprocal
 
 BLOCK = 16
 E4M3_MAX = 448.0

@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from . import _marks
-from ._checkpoint import SCALE_NAMES, Checkpoint, CheckpointError, MoELayer, open_checkpoint
-from ._scales import KERNEL_NAMES
-from ._prepare import prepare_layer
-from ._spec import NAMES, SCALE_DTYPE
-from ._tree import PreparedLayer
+from ..tree import marks as _marks
+from .read import SCALE_NAMES, Checkpoint, CheckpointError, MoELayer, open_checkpoint
+from ..numerics.scales import KERNEL_NAMES
+from ..transform import prepare_layer
+from ..layout.spec import NAMES, SCALE_DTYPE
+from ..tree.prepare import PreparedLayer
 
 _DTYPES = (jnp.uint8, SCALE_DTYPE, jnp.uint8, SCALE_DTYPE)
 THREADS = min(8, max(2, os.cpu_count() or 2))  # reads in flight (the kernel copies, no GIL)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import TILE_WHOLE
+from .program import TILE_WHOLE
 
 
 @triton.jit

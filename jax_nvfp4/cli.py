@@ -10,11 +10,11 @@ import sys
 
 # name -> (module with configure(parser) and run(args) -> int, one-line help)
 COMMANDS = {
-    "demo": ("jax_nvfp4._demo", "prepare a synthetic DeepSeek-V3-shaped layer and check it"),
-    "convert": ("jax_nvfp4._convert", "write a ModelOpt NVFP4 checkpoint as a prepared one"),
-    "inspect": ("jax_nvfp4._inspect", "show what a checkpoint holds (naming, layers, sizes)"),
-    "bench": ("jax_nvfp4._bench", "time prepare_layer against the copy floor and torch baselines"),
-    "bench-io": ("jax_nvfp4._bench_io", "time load and convert against safetensors' own read"),
+    "demo": ("jax_nvfp4.bench.demo", "prepare a synthetic DeepSeek-V3-shaped layer and check it"),
+    "convert": ("jax_nvfp4.checkpoint.convert", "write a ModelOpt NVFP4 checkpoint as a prepared one"),
+    "inspect": ("jax_nvfp4.checkpoint.inspect", "show what a checkpoint holds (naming, layers, sizes)"),
+    "bench": ("jax_nvfp4.bench.layout", "time prepare_layer against the copy floor and torch baselines"),
+    "bench-io": ("jax_nvfp4.bench.io", "time load and convert against safetensors' own read"),
 }
 
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._convert import _fsync
+from ..checkpoint.convert import _fsync
 
 
 def configure(p):
@@ -80,7 +80,7 @@ def _st_read(path: Path, keep=None) -> int:
             with safe_open(str(f), framework="pt") as h:
                 tensors.update((k, h.get_tensor(k).clone()) for k in f8)
         elif f8:
-            from ._checkpoint import _Shard
+            from ..checkpoint.read import _Shard
             shard = _Shard(f)
             tensors.update((k, shard.read(k)) for k in f8)
         n += sum(x.nbytes for x in tensors.values())
@@ -107,7 +107,7 @@ def _st_read_write(path: Path, out: Path) -> int:
         from safetensors.torch import save_file
     except ImportError:
         torch = None
-        from ._convert import write_safetensors as save_file
+        from ..checkpoint.convert import write_safetensors as save_file
 
     def write(f, tensors):
         dst = out / f.name
@@ -143,8 +143,8 @@ def _best(fn, repeats: int, before=None) -> tuple[float, list[float]]:
 
 def measure(path, *, repeats: int = 2, tmp=None, skip=(), log=print) -> dict:
     """Times (seconds, best of ``repeats``), bytes and ratios for checkpoint ``path``."""
-    from . import _convert
-    from ._checkpoint import open_checkpoint
+    from ..checkpoint import convert as _convert
+    from ..checkpoint.read import open_checkpoint
 
     path = Path(path)
     with open_checkpoint(path) as ckpt:
@@ -224,7 +224,7 @@ def report(res: dict) -> str:
 def run(args) -> int:
     import jax
 
-    from .testing import write_checkpoint
+    from ..testing import write_checkpoint
 
     skip = {s for s in args.skip.split(",") if s}
     tmp = Path(tempfile.mkdtemp(prefix="bench-io-ckpt-", dir=args.tmp)) if not args.path else None

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._dequant import dequantize_layer
-from ._quant import dequantize_nvfp4, quantize_nvfp4
-from ._spec import NAMES
-from ._tree import PreparedLayer, is_prepared
+from .dequant import dequantize_layer
+from .quant import dequantize_nvfp4, quantize_nvfp4
+from ..layout.spec import NAMES
+from ..tree.prepare import PreparedLayer, is_prepared
 
 ACTIVATIONS = ("swiglu", "relu2")
 CHECKPOINT_SCALARS = ("w13_weight_scale_2", "w2_weight_scale_2")

@@ -48,11 +48,11 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError
 
-from . import __version__
-from ._checkpoint import FORMAT, INDEX, LAYOUT, PREPARED_JSON, SINGLE, open_checkpoint
-from ._cli import Interrupted, UserError
-from ._fslock import FileLock, LockHeld, describe
-from ._load import ReadAhead, load_layer, read_layer, read_tensors
+from .. import __version__
+from .read import FORMAT, INDEX, LAYOUT, PREPARED_JSON, SINGLE, open_checkpoint
+from ..cli import Interrupted, UserError
+from .fslock import FileLock, LockHeld, describe
+from .load import ReadAhead, load_layer, read_layer, read_tensors
 
 MANIFEST = ".jax_nvfp4-convert.json"  # in the partial directory; removed before the rename
 # Test hook (tests/test_convert_faults.py), comma-separated: "kill@shard:K", "term@shard:K",

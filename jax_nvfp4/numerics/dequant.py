@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from . import _marks, _sharding
-from ._prepare import _transforms
-from ._spec import BLOCK, NAMES, SCALE_DTYPE, LayerSpec, check_arrays
+from ..tree import marks as _marks, sharding as _sharding
+from ..transform import _transforms
+from ..layout.spec import BLOCK, NAMES, SCALE_DTYPE, LayerSpec, check_arrays
 
 LAYOUTS = ("linear", "trtllm")
 

@@ -18,7 +18,7 @@ import importlib.util
 import jax
 from torch_bridge._bridge import INSTALL_HINT
 
-from . import _triton
+from .triton import program as _triton
 
 BACKENDS = ("auto", "xla", "triton", "flashinfer")
 
@@ -124,7 +124,7 @@ def _warm_up(device) -> None:
     """Load (JIT-compile on first use, ~40 s) flashinfer's module outside any jit, and
     register its FFI targets when jax-tvm-ffi is there."""
     if _via_ffi():
-        from .kernels import _interleave
+        from ..kernels import _interleave
 
         _interleave.ensure(device.platform, device)
         return
@@ -142,7 +142,7 @@ def _via_ffi() -> bool:
     H200 (benchmarks/tvm_ffi_route.py): same bytes, lower fixed cost per call."""
     from torch_bridge import _bridge
 
-    from .kernels import _ffi
+    from ..kernels import _ffi
 
     # A stand-in for torch_bridge's kernel (the CPU plumbing tests) keeps its route.
     return _bridge._kernel is None and _ffi.missing() is None
@@ -159,7 +159,7 @@ def scale_writer(backend: str, rows):
     """
     assert backend == "flashinfer", backend
     if _via_ffi():
-        from .kernels._interleave import block_scale_interleave
+        from ..kernels._interleave import block_scale_interleave
     else:
         from torch_bridge import block_scale_interleave
 

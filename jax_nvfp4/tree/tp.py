@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from . import _fuse
+from . import fuse as _fuse
 
 
 def tp_interleave(w13_weight, w13_weight_scale, *, tp: int, donate: bool = False,

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _reference
-from ._prepare import free_bytes, plan_job, prepare_layer, run_job
-from ._spec import SCALE_DTYPE, LayerSpec, check_arrays
-from .testing import random_device_layer
+from ..layout import reference as _reference
+from ..transform import free_bytes, plan_job, prepare_layer, run_job
+from ..layout.spec import SCALE_DTYPE, LayerSpec, check_arrays
+from ..testing import random_device_layer
 
 
 def configure(p):

@@ -27,7 +27,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from ._spec import LayerSpec
+from ...layout.spec import LayerSpec
 
 INSTALL_HINT = 'pip install "jax-nvfp4[triton]" (a CUDA build of torch, which brings triton)'
 
@@ -154,7 +154,7 @@ def layer_program(spec: LayerSpec, *, chunks, pad, via: str = "callback"):
 
     from torch_bridge._bridge import torch_bytes
 
-    from . import _triton_kernels as k
+    from . import kernels as k
 
     in_place = chunks is not None
     extra = scratch_bytes(spec, chunks) if in_place else 0
@@ -185,7 +185,7 @@ def layer_program(spec: LayerSpec, *, chunks, pad, via: str = "callback"):
 
 
 def _plan(spec: LayerSpec, chunks):
-    from . import _triton_kernels as k
+    from . import kernels as k
 
     one_pass = w13_in_one_pass(spec)
     return k.plan(k.layer_launches(
@@ -203,7 +203,7 @@ def _xla_program(spec: LayerSpec, *, chunks, pad):
     """
     jt = _jax_triton()
 
-    from . import _triton_kernels as k
+    from . import kernels as k
 
     in_place = chunks is not None
     extra = scratch_bytes(spec, chunks) if in_place else 0

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from ._marks import MARKER_KEY
-from ._spec import NAMES
+from .marks import MARKER_KEY
+from ..layout.spec import NAMES
 
 SEPARATE = ("w1_weight", "w1_weight_scale", "w3_weight", "w3_weight_scale")
 CANONICAL = NAMES + SEPARATE + (MARKER_KEY,)

@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding
 
-from ._spec import SCALE_DTYPE
+from ..layout.spec import SCALE_DTYPE
 
 ORDERS = ("up_gate", "gate_up")
 DEFAULT_ORDER = "up_gate"
@@ -92,7 +92,7 @@ def _rows_program(fn_key, chunks, donate: bool, shardings):
     donated = tuple(range(len(chunks))) if donate else ()
     if shardings is None:
         return jax.jit(program, donate_argnums=donated)
-    from ._sharding import shard_map
+    from .sharding import shard_map
     specs = tuple(s.spec for s in shardings)
     return jax.jit(shard_map(program, shardings[0].mesh, specs, specs), out_shardings=shardings,
                    donate_argnums=donated)
@@ -202,7 +202,7 @@ def _fuse_program(shardings):
 
     if shardings is None:
         return jax.jit(program)
-    from ._sharding import shard_map
+    from .sharding import shard_map
     specs = tuple(s.spec for s in shardings)
     return jax.jit(shard_map(program, shardings[0].mesh, specs, specs[:2]),
                    out_shardings=shardings[:2])

@@ -22,7 +22,7 @@ import math
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ._spec import DEFAULT_HIDDEN_ALIGNMENT, NAMES, LayerSpec, check_arrays
+from ..layout.spec import DEFAULT_HIDDEN_ALIGNMENT, NAMES, LayerSpec, check_arrays
 
 # Per array, which axis holds I and which holds H ((w13 rows, H/2 cols), (w2 H rows, I cols)).
 _I_AXIS = (1, 1, 2, 2)

@@ -8,12 +8,12 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from . import _find, _fuse, _marks, _sharding
-from ._backends import resolve_backend
-from ._fuse import fuse_gate_up  # noqa: F401  (public: jax_nvfp4.fuse_gate_up)
-from ._marks import MARKER_KEY
-from ._prepare import experts_per_chunk, plan_job, run_job
-from ._spec import DEFAULT_HIDDEN_ALIGNMENT, NAMES, check_arrays
+from . import find as _find, fuse as _fuse, marks as _marks, sharding as _sharding
+from ..backends.select import resolve_backend
+from .fuse import fuse_gate_up  # noqa: F401  (public: jax_nvfp4.fuse_gate_up)
+from .marks import MARKER_KEY
+from ..transform import experts_per_chunk, plan_job, run_job
+from ..layout.spec import DEFAULT_HIDDEN_ALIGNMENT, NAMES, check_arrays
 
 
 def _size(name: str, value):

@@ -18,11 +18,13 @@ import jax
 from jax import lax
 import numpy as np
 
-from . import _layout, _marks, _sharding, _triton
-from ._spec import (BLOCK, DEFAULT_HIDDEN_ALIGNMENT, NAMES, SCALE_DTYPE, LayerSpec,
-                    check_arrays)
+from .layout import index as _layout
+from .tree import marks as _marks, sharding as _sharding
+from .backends.triton import program as _triton
+from .layout.spec import (BLOCK, DEFAULT_HIDDEN_ALIGNMENT, NAMES, SCALE_DTYPE, LayerSpec,
+                          check_arrays)
 
-from ._backends import resolve_backend, scale_writer
+from .backends.select import resolve_backend, scale_writer
 
 # Default scratch per chunk: a share of the layer (so the transient stays a few
 # percent of it), at least MIN_CHUNK_BYTES (so small layers are not cut into
@@ -104,7 +106,7 @@ def _then(f: Transform, g: Transform) -> Transform:
 
 def _pallas_rows(view, perm, pad: Transform):
     """``(fn, write)`` of a row move as Pallas kernels (see ``_pallas``)."""
-    from . import _pallas
+    from .backends import pallas as _pallas
 
     def fn(x):
         return _pallas.move_rows(pad(x), view, perm)
@@ -130,7 +132,7 @@ def _transforms(spec: LayerSpec, inverse: bool, backend: str, pallas: bool = Fal
     else:
         out = [(_then(pad, _apply(m, False)), None) for pad, m in zip(pads, moves)]
     if pallas:
-        from . import _pallas
+        from .backends import pallas as _pallas
         sizes = [int(np.prod(s)) for s in spec.shapes(padded=True)]
         for k in (0, 2):
             if not _pallas.fits(sizes[k]) or (inverse and crop is not None):
@@ -223,7 +225,7 @@ def auto_takes_triton(spec: LayerSpec, *, donate: bool, inverse: bool = False,
 def needs_triton(spec: LayerSpec) -> bool:
     """Whether an array of the layer is 2 GiB or more: too large for the Pallas row
     kernels, which leaves XLA moving it a byte per thread."""
-    from . import _pallas
+    from .backends import pallas as _pallas
     return not all(_pallas.fits(math.prod(s)) for s in spec.shapes(padded=True))
 
 
@@ -462,7 +464,7 @@ def run_job(job: Job) -> tuple:
 
 
 def _run(arrays, w13_order="up_gate", **options):
-    from . import _fuse  # w13_order: the halves swapped around the layout (_fuse.run_ordered)
+    from .tree import fuse as _fuse  # w13_order: the halves swapped around the layout (_fuse.run_ordered)
     _fuse.check_order(w13_order, options["gated"])
     return _fuse.run_ordered(plan_job(arrays, **options), w13_order, run_job)
 

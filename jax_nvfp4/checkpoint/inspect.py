@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checkpoint import FAMILIES, CheckpointError, _config_count, _ranges, open_checkpoint
+from .read import FAMILIES, CheckpointError, _config_count, _ranges, open_checkpoint
 
 
 def configure(p):

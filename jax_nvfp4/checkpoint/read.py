@@ -24,8 +24,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ._scales import KERNEL_NAMES, kernel_scales
-from ._spec import BLOCK, NAMES, LayerSpec, check_arrays
+from ..numerics.scales import KERNEL_NAMES, kernel_scales
+from ..layout.spec import BLOCK, NAMES, LayerSpec, check_arrays
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

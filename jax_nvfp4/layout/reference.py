@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._spec import BLOCK
+from .spec import BLOCK
 
 
 def shuffle_index(m: int) -> np.ndarray:
