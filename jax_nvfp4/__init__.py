@@ -32,8 +32,7 @@ from .numerics.quant import quantize_nvfp4
 from .numerics.scales import kernel_scales
 from .tree.prepare import PrepareError, PreparedLayer, fuse_gate_up, is_prepared, prepare
 from .tree.tp import tp_interleave
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "PrepareError",

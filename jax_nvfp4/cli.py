@@ -8,26 +8,21 @@ import os
 import signal
 import sys
 
+from .errors import Interrupted, UserError  # noqa: F401  (Interrupted: raised by commands)
+
 # name -> (module with configure(parser) and run(args) -> int, one-line help)
 COMMANDS = {
-    "demo": ("jax_nvfp4.bench.demo", "prepare a synthetic DeepSeek-V3-shaped layer and check it"),
-    "convert": ("jax_nvfp4.checkpoint.convert", "write a ModelOpt NVFP4 checkpoint as a prepared one"),
-    "inspect": ("jax_nvfp4.checkpoint.inspect", "show what a checkpoint holds (naming, layers, sizes)"),
-    "bench": ("jax_nvfp4.bench.layout", "time prepare_layer against the copy floor and torch baselines"),
-    "bench-io": ("jax_nvfp4.bench.io", "time load and convert against safetensors' own read"),
+    "demo": ("jax_nvfp4.bench.demo",
+             "prepare a synthetic DeepSeek-V3-shaped layer and check it"),
+    "convert": ("jax_nvfp4.checkpoint.convert",
+                "write a ModelOpt NVFP4 checkpoint as a prepared one"),
+    "inspect": ("jax_nvfp4.checkpoint.inspect",
+                "show what a checkpoint holds (naming, layers, sizes)"),
+    "bench": ("jax_nvfp4.bench.layout",
+              "time prepare_layer against the copy floor and torch baselines"),
+    "bench-io": ("jax_nvfp4.bench.io",
+                 "time load and convert against safetensors' own read"),
 }
-
-
-class UserError(Exception):
-    """An error the user can act on: printed without a traceback, exit code 2."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """A terminating signal (SIGTERM, SIGHUP) turned into an exception: exit 128 + signum."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def _user_errors() -> tuple:

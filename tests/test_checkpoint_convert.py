@@ -18,7 +18,7 @@ import jax_nvfp4
 from jax_nvfp4 import cli as _cli
 from jax_nvfp4.checkpoint import convert as _convert, inspect as _inspect, load as _load
 from jax_nvfp4.layout import reference as _reference
-from jax_nvfp4.cli import UserError
+from jax_nvfp4.errors import UserError
 from jax_nvfp4.checkpoint.read import INDEX, PREPARED_JSON, open_checkpoint
 from jax_nvfp4.layout.spec import NAMES
 from jax_nvfp4.testing import write_checkpoint

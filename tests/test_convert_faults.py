@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 
 from jax_nvfp4 import cli as _cli
 from jax_nvfp4.checkpoint import convert as _convert, fslock as _fslock
-from jax_nvfp4.cli import UserError
+from jax_nvfp4.errors import UserError
 from jax_nvfp4.testing import write_checkpoint
 
 SHARDS = 4  # the non-layer tensors + 3 decoder layers

@@ -124,8 +124,8 @@ def _st_read_write(path: Path, out: Path) -> int:
 def _load(path: Path, prepare=True):
     import jax
 
-    import jax_nvfp4
-    params = jax_nvfp4.load(path, prepare=prepare)
+    from ..checkpoint.load import load
+    params = load(path, prepare=prepare)
     jax.block_until_ready(params)
     return params
 

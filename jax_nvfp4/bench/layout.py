@@ -27,7 +27,7 @@ from ..backends import select as _backends
 from .. import transform as _prepare
 from ..layout import reference as _reference
 from ..backends.triton import program as _triton
-from ..cli import UserError
+from ..errors import UserError
 from ..layout.spec import LayerSpec
 from ..testing import random_device_layer
 

@@ -48,9 +48,9 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError
 
-from .. import __version__
+from ..version import __version__
 from .read import FORMAT, INDEX, LAYOUT, PREPARED_JSON, SINGLE, open_checkpoint
-from ..cli import Interrupted, UserError
+from ..errors import Interrupted, UserError
 from .fslock import FileLock, LockHeld, describe
 from .load import ReadAhead, load_layer, read_layer, read_tensors
 

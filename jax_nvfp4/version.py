@@ -1,0 +1,3 @@
+"""The package version (also recorded in converted checkpoints)."""
+
+__version__ = "0.1.0"
