@@ -40,8 +40,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding  # noqa: E402
 
 import jax_nvfp4  # noqa: E402
-from jax_nvfp4 import _prepare, _reference  # noqa: E402
-from jax_nvfp4._spec import NAMES, SCALE_DTYPE, LayerSpec  # noqa: E402
+from jax_nvfp4 import transform as _prepare  # noqa: E402
+from jax_nvfp4.layout import reference as _reference  # noqa: E402
+from jax_nvfp4.layout.spec import NAMES, SCALE_DTYPE, LayerSpec  # noqa: E402
 
 
 def _hash_bytes(shape, seed: int):

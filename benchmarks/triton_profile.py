@@ -1,30 +1,62 @@
-"""Where the triton backend's time goes, per shape (issue 7 exploration, one GPU).
+"""Where the triton backend's time goes, per shape and launch route (one CUDA GPU).
 
-Per shape: the planned launches alone (torch events, no JAX), the jitted program
-alone, prepare_layer whole, the host time inside the callback, an empty
-buffer_callback and a donated identity jit over the same buffers (fixed costs), and
-prepare_layer donated for several chunk budgets. Outputs checked against the reference.
+Per shape (unpadded; the bench's shape names):
+
+- the planned launches alone, out of place and in place (CUDA events, no JAX), against
+  torch's ``copy_`` of the same bytes: what the kernels cost;
+- per route ("callback": ``buffer_callback``; "xla": jax-triton's custom call, where it
+  imports), the jitted program's wall and device ms (the bench's ``device_time``),
+  ``prepare_layer``'s wall ms, and the host time spent inside the callback;
+- the fixed costs over the same buffers: an empty donated ``buffer_callback`` and a donated
+  identity ``jit``;
+- ``prepare_layer`` donated for several chunk budgets.
+
+Every program's output is checked against the bench's reference before its time counts.
+``python -m jax_nvfp4 bench`` measures the backends side by side; this script splits one
+backend's time into its parts. On the GPU machine::
+
+    python benchmarks/triton_profile.py --shape deepseek-v3-tp8 --out triton_profile.json
+
+Without a CUDA device, torch or triton it says what is missing and exits with code 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
 import time
 
 import jax
-import torch
-from jax.experimental.buffer_callback import buffer_callback
 
-import torch_bridge
-from jax_nvfp4 import _bench, _prepare, _triton
-from jax_nvfp4 import _triton_kernels as K
-from jax_nvfp4._spec import LayerSpec
+from jax_nvfp4 import transform as _prepare
+from jax_nvfp4.backends.triton import kernels as K
+from jax_nvfp4.backends.triton import program as _triton
+from jax_nvfp4.bench import layout as bench
+from jax_nvfp4.layout.spec import LayerSpec
 from jax_nvfp4.testing import random_device_layer
 
+DEFAULT_SHAPES = ("deepseek-v3-tp8", "qwen3-30b-a3b", "deepseek-v3")
+CHUNK_MIB = (16, 32, 64, 128, 256)
 
-def events(fn, repeats=10):
+
+def missing() -> str | None:
+    """Why this script cannot run here (None when it can)."""
+    if jax.devices()[0].platform != "gpu":
+        return f"needs a CUDA GPU; JAX's default device is {jax.devices()[0].platform}"
+    why = _triton.missing()
+    if why:
+        return why
+    import torch
+    if not torch.cuda.is_available():
+        return "needs a CUDA build of torch (torch.cuda.is_available() is False)"
+    return None
+
+
+def _events_ms(fn, repeats):
+    """Median ms between CUDA events around ``fn()`` on torch's current stream."""
+    import torch
     out = []
     for k in range(3 + repeats):
         t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -37,83 +69,126 @@ def events(fn, repeats=10):
     return statistics.median(out)
 
 
-def med_ms(fn, make, repeats=10):
-    return 1e3 * statistics.median(_bench.time_jax(fn, make, repeats, warmup=2))
+def _wall_ms(fn, make, repeats):
+    return 1e3 * statistics.median(bench.time_jax(fn, make, repeats, warmup=2))
 
 
-def _launches_alone(spec, layer, res):
+def _launches_alone(spec, layer, chunks, res, repeats):
+    import torch
+
+    import torch_bridge
     src = [torch_bridge.to_torch(x) for x in layer]
     dst = [torch.empty_like(x) for x in src]
     stream = torch.cuda.current_stream().cuda_stream
     dev = src[0].device.index
-    shapes = spec.shapes(padded=True)
-    oop = K.plan(K.layer_launches(shapes, gated=True))
+    oop = _triton._plan(spec, None)
     ptrs = [t.data_ptr() for t in (*src, *dst)]
-    res["launches_oop_ms"] = events(lambda: K.run(oop, tensors=None, pointers=ptrs,
-                                                  stream=stream, device=dev))
-    chunk = _prepare.experts_per_chunk(spec, None, None, w13_together=True)[0]
-    scratch = torch.empty(_triton.scratch_bytes(spec, (chunk,)), dtype=torch.uint8,
+    res["launches_oop_ms"] = _events_ms(
+        lambda: K.run(oop, tensors=None, pointers=ptrs, stream=stream, device=dev), repeats)
+    scratch = torch.empty(max(1, _triton.scratch_bytes(spec, chunks)), dtype=torch.uint8,
                           device=src[0].device)
-    ip = K.plan(K.layer_launches(shapes, gated=True, chunk=chunk))
+    ip = _triton._plan(spec, chunks)
     ptrs = [t.data_ptr() for t in (*dst, scratch)]
-    res["launches_inplace_ms"] = events(lambda: K.run(ip, tensors=None, pointers=ptrs, stream=stream,
-                                                      device=dev))
+    res["launches_inplace_ms"] = _events_ms(
+        lambda: K.run(ip, tensors=None, pointers=ptrs, stream=stream, device=dev), repeats)
     res["launches_inplace_count"] = len(ip)
-    res["copy_layer_ms"] = events(lambda: [d.copy_(s) for s, d in zip(src, dst)])
-
-
-def profile(name, shape):
-    e, h, i = shape
-    spec = LayerSpec(e, h, i, True)
-    layer = random_device_layer(jax.random.key(3), e, h, i, gated=True)
-    ref = _bench.Reference(spec, layer)
-    res = {}
-    _launches_alone(spec, layer, res)
+    res["copy_layer_ms"] = _events_ms(lambda: [d.copy_(s) for s, d in zip(src, dst)], repeats)
+    del src, dst, scratch
     torch.cuda.empty_cache()
-    host = []
-    run = K.run
+
+
+def _routes():
+    return ["callback"] + (["xla"] if _triton.jax_triton_missing() is None else [])
+
+
+def profile(name, repeats):
+    import torch  # noqa: F401 - CUDA context for the events
+    from jax.experimental.buffer_callback import buffer_callback
+    e, h, i, gated = bench.SHAPES[name]
+    spec = LayerSpec(e, h, i, gated)
+    if spec.shapes(padded=True) != spec.shapes(padded=False):
+        raise SystemExit(f"{name}: padded layers go out of place through XLA's pad first; "
+                         "profile an unpadded shape")
+    layer = random_device_layer(jax.random.key(3), e, h, i, gated=gated)
+    ref = bench.Reference(spec, layer)
+    res = {"shape": name, "E": e, "H": h, "I": i, "gated": gated}
+
+    def fresh():
+        return [bench._copy(x) for x in layer]
+
+    job = _prepare.plan_job(layer, gated=gated, donate=True, backend="triton",
+                            chunk_bytes=None, inverse=False)
+    res["chunks"] = list(job.chunks)
+    _launches_alone(spec, layer, job.chunks, res, repeats)
+    host, run = [], K.run
 
     def timed_run(*a, **kw):
         t = time.perf_counter()
         run(*a, **kw)
         host.append(time.perf_counter() - t)
-    K.run = timed_run
-    for donate in (True, False):
-        tag = "donated" if donate else "not_donated"
 
-        def make():
-            return [_bench._copy(x) for x in layer] if donate else list(layer)
-        job = _prepare.plan_job(layer, gated=True, donate=donate, backend="triton",
-                                chunk_bytes=None, inverse=False)
-        out = job.program(*make())
-        ref.check(out, tag)
-        del out
-        host.clear()
-        res[f"program_{tag}_ms"] = med_ms(job.program, make)
-        res[f"host_in_callback_{tag}_ms"] = 1e3 * statistics.median(host)
-        res[f"prepare_layer_{tag}_ms"] = med_ms(
-            lambda *xs: _prepare.prepare_layer(*xs, backend="triton", donate=donate), make)
-    K.run = run
+    saved = _triton.ROUTE
+    try:
+        K.run = timed_run
+        for route in _routes():
+            _triton.ROUTE = route
+            for donate in (True, False):
+                tag = f"{route}_{'donated' if donate else 'not_donated'}"
+                job = _prepare.plan_job(layer, gated=gated, donate=donate, backend="triton",
+                                        chunk_bytes=None, inverse=False)
+
+                def make(donate=donate):
+                    return fresh() if donate else list(layer)
+                ref.check(job.program(*make()), tag)
+                host.clear()
+                res[f"program_{tag}_ms"] = _wall_ms(job.program, make, repeats)
+                res[f"program_{tag}_device_ms"] = bench.device_time(job.program, donate, make,
+                                                                    repeats)
+                res[f"host_in_callback_{tag}_ms"] = (1e3 * statistics.median(host)
+                                                     if host else None)
+                res[f"prepare_layer_{tag}_ms"] = _wall_ms(
+                    lambda *xs, d=donate: _prepare.prepare_layer(*xs, backend="triton",
+                                                                 donate=d), make, repeats)
+    finally:
+        K.run, _triton.ROUTE = run, saved
     res["launch_mode"] = str(K._ARGS_MODE)
-    for mib in (16, 32, 64, 128, 256):
-        def call(*xs):
+    for mib in CHUNK_MIB:
+        def call(*xs, mib=mib):
             return _prepare.prepare_layer(*xs, backend="triton", chunk_bytes=mib << 20)
-        ref.check(call(*[_bench._copy(x) for x in layer]), f"chunk {mib}")
-        res[f"donated_chunk_{mib}MiB_ms"] = med_ms(call, lambda: [_bench._copy(x) for x in layer])
+        ref.check(call(*fresh()), f"chunk {mib} MiB")
+        res[f"donated_chunk_{mib}MiB_ms"] = _wall_ms(call, fresh, repeats)
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in layer]
-    noop = jax.jit(lambda *xs: tuple(buffer_callback(lambda ctx, o, *a: None, shapes,
-                                                     input_output_aliases={0: 0, 1: 1, 2: 2, 3: 3}
-                                                     )(*xs)), donate_argnums=(0, 1, 2, 3))
-    res["empty_callback_donated_ms"] = med_ms(noop, lambda: [_bench._copy(x) for x in layer])
+    noop = jax.jit(lambda *xs: tuple(buffer_callback(
+        lambda ctx, o, *a: None, shapes, input_output_aliases={0: 0, 1: 1, 2: 2, 3: 3})(*xs)),
+        donate_argnums=(0, 1, 2, 3))
+    res["empty_callback_donated_ms"] = _wall_ms(noop, fresh, repeats)
     ident = jax.jit(lambda *xs: xs, donate_argnums=(0, 1, 2, 3))
-    res["identity_jit_donated_ms"] = med_ms(ident, lambda: [_bench._copy(x) for x in layer])
+    res["identity_jit_donated_ms"] = _wall_ms(ident, fresh, repeats)
     print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v
                             for k, v in res.items()}), flush=True)
     return res
 
 
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", action="append", choices=sorted(bench.SHAPES),
+                   help=f"a bench shape, repeatable (default: {', '.join(DEFAULT_SHAPES)})")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    a = p.parse_args(argv)
+    why = missing()
+    if why:
+        print(f"triton_profile.py: {why}", file=sys.stderr)
+        return 2
+    device = jax.devices()[0]
+    out = {"device": device.device_kind, "versions": bench.versions(), "commit": bench.commit(),
+           "routes": _routes(),
+           "rows": [profile(n, a.repeats) for n in a.shape or DEFAULT_SHAPES]}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
 if __name__ == "__main__":
-    out = {n: profile(n, _bench.SHAPES[n]) for n in ("deepseek-v3-tp8", "qwen3-30b-a3b",
-                                                     "deepseek-v3")}
-    if len(sys.argv) > 1:
-        json.dump(out, open(sys.argv[1], "w"), indent=1)
+    sys.exit(main())

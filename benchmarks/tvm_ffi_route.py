@@ -19,6 +19,8 @@ and with the buffer_callback fallback (``jax_nvfp4.kernels._ffi.missing`` patche
 On the GPU machine::
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/tvm_ffi_route.py --out tvm_ffi.json
+
+Without a CUDA device, flashinfer or jax-tvm-ffi it says what is missing and exits with code 2.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -58,36 +61,29 @@ def _wall(fn, make_args, repeats):
     return 1e3 * statistics.median(out)
 
 
-def _device(program, donate, make_args, repeats):
-    import torch
-    from jax.experimental.buffer_callback import buffer_callback
-    events = []
+def _device(f, into, make_args, repeats):
+    """Device ms of ``f`` through the bench's event bracketing (``bench.device_time``).
 
-    def mark(ctx, out, *args):
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record(torch.cuda.ExternalStream(ctx.stream))
-        events.append(ev)
+    That function times a layer program of four arrays (all donated when ``donate``), so the
+    call is padded to four arguments; the padding (and the donated source) is returned, so
+    every donated buffer is aliased to an output.
+    """
+    from jax_nvfp4.bench import layout as bench
+    dummy = jnp.zeros((1,), jnp.uint8)
+    if into:  # (buffer, source): the buffer is donated, and the source with it here
+        def program(b, x, p, q):
+            return f(b, x), x, p, q
 
-    token = jax.ShapeDtypeStruct((1,), jnp.uint8)
+        def make():
+            b, x = make_args()
+            return b, bench._copy(x), bench._copy(dummy), bench._copy(dummy)
+    else:
+        def program(x, p, q, r):
+            return f(x), p, q, r
 
-    def timed(*xs):
-        t = buffer_callback(mark, token, has_side_effect=True)(*xs)
-        t, xs = jax.lax.optimization_barrier((t, xs))
-        out = program(*xs)
-        t = buffer_callback(mark, token, has_side_effect=True)(t, out)
-        return jax.lax.optimization_barrier((t, out))[1]
-
-    f = jax.jit(timed, donate_argnums=(0,) if donate else ())
-    samples = []
-    for k in range(3 + repeats):
-        args = jax.block_until_ready(make_args())
-        events.clear()
-        jax.block_until_ready(f(*args))
-        del args
-        if k >= 3 and len(events) == 2:
-            events[1].synchronize()
-            samples.append(events[0].elapsed_time(events[1]))
-    return statistics.median(samples)
+        def make():
+            return (*make_args(), dummy, dummy, dummy)
+    return bench.device_time(program, into, make, repeats)
 
 
 def _u8(x):
@@ -99,7 +95,8 @@ def swizzle_rows(repeats, log):
     import torch
 
     import torch_bridge
-    from jax_nvfp4 import _layout, kernels
+    from jax_nvfp4 import kernels
+    from jax_nvfp4.layout import index as _layout
 
     rows = []
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
@@ -175,8 +172,10 @@ def swizzle_rows(repeats, log):
 
 def layer_rows(repeats, log):
     import jax_nvfp4
-    from jax_nvfp4 import _backends, _prepare, _reference
+    from jax_nvfp4 import transform as _prepare
+    from jax_nvfp4.backends import select as _backends
     from jax_nvfp4.kernels import _ffi
+    from jax_nvfp4.layout import reference as _reference
 
     rows = []
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
@@ -220,13 +219,26 @@ def layer_rows(repeats, log):
     return rows
 
 
-def main():
+def missing() -> str | None:
+    """Why this script cannot run here (None when it can)."""
+    from jax_nvfp4.backends import select as _backends
+    from jax_nvfp4.kernels import _ffi
+    if jax.devices()[0].platform != "gpu":
+        return f"needs a CUDA GPU; JAX's default device is {jax.devices()[0].platform}"
+    return _backends.flashinfer_missing() or _ffi.missing()
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
-    p.add_argument("--out", default=None)
-    p.add_argument("--no-layers", action="store_true")
-    p.add_argument("--layers-only", action="store_true")
-    a = p.parse_args()
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--no-layers", action="store_true", help="the swizzle rows only")
+    p.add_argument("--layers-only", action="store_true", help="the prepare_layer rows only")
+    a = p.parse_args(argv)
+    why = missing()
+    if why:
+        print(f"tvm_ffi_route.py: {why}", file=sys.stderr)
+        return 2
     lines = []
 
     def log(s):
@@ -236,13 +248,9 @@ def main():
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} (cc {getattr(dev, 'compute_capability', '?')}), "
         f"jax {jax.__version__}")
-    try:
-        import flashinfer
-        import jax_tvm_ffi  # noqa: F401
-        import tvm_ffi
-        log(f"flashinfer {flashinfer.__version__}, apache-tvm-ffi {tvm_ffi.__version__}")
-    except ImportError as e:
-        log(f"missing: {e}")
+    import flashinfer
+    import tvm_ffi
+    log(f"flashinfer {flashinfer.__version__}, apache-tvm-ffi {tvm_ffi.__version__}")
     rows = [] if a.layers_only else swizzle_rows(a.repeats, log)
     if not a.no_layers:
         try:
@@ -252,7 +260,8 @@ def main():
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=rows), f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Every script under benchmarks/ runs: its --help, a small run where the CPU can do one, a
+clean refusal (exit 2, naming what is missing) where it needs a GPU, and a tiny run on a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+# script -> None (runs anywhere) or the words its refusal must contain off a GPU
+SCRIPTS = {"sharded.py": None, "triton_profile.py": "needs a CUDA GPU",
+           "tvm_ffi_route.py": "needs a CUDA GPU"}
+GPU_ONLY = [name for name, refusal in SCRIPTS.items() if refusal]
+ON_GPU = jax.devices()[0].platform == "gpu"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(name).stem}", BENCHMARKS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_script_is_covered():
+    assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == sorted(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _load(name).main(["--help"])
+    assert exit_.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(ON_GPU, reason="the refusal is for machines without a GPU")
+@pytest.mark.parametrize("name", GPU_ONLY)
+def test_refuses_without_a_gpu(name, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert _load(name).main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{name}: ") and SCRIPTS[name] in err and "cpu" in err
+    assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_triton_profile_tiny(tmp_path):
+    out = tmp_path / "profile.json"
+    assert _load("triton_profile.py").main(["--shape", "tiny", "--repeats", "2",
+                                            "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shape"] == "tiny" and row["launches_inplace_count"] > 0
+    for route in json.loads(out.read_text())["routes"]:
+        assert row[f"program_{route}_donated_ms"] > 0
+
+
+@pytest.mark.gpu
+def test_tvm_ffi_route_swizzle_rows(tmp_path):
+    out = tmp_path / "tvm_ffi.json"
+    assert _load("tvm_ffi_route.py").main(["--repeats", "2", "--no-layers",
+                                           "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} >= {"ffi new buffer", "ffi into donated"}
+    assert all(r["device_ms"] > 0 for r in rows if r["method"] == "ffi into donated")
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (see conftest.py)")
+def test_sharded_small_run_is_exact_and_reports_every_device_count(tmp_path):
+    out = tmp_path / "sharded.json"
+    assert _load("sharded.py").main(["--small", "--devices", "4", "--chunk-mib", "0.02",
+                                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["device_count"] == 4
+    assert result["check"]["exact"] and result["check"]["sharding_kept"]
+    assert result["check"]["shards_compared"] == 16
+    assert result["check"]["experts_vs_numpy"] == [0, 4, 8, 12]
+    rows = [(r["devices"], r["experts"], r["experts_per_device"]) for r in result["rows"]]
+    assert rows == [(1, 4, 4), (1, 16, 16), (2, 16, 8), (4, 16, 4)]
+    for r in result["rows"]:
+        assert len(r["peak_extra_bytes"]) == r["devices"] and len(r["prepare_s"]) == 2
+        # chunks, not a copy of the shard (one chunk on GPU; CPU moves float8 as float16)
+        assert 0 < r["xla_scratch_bytes"] < r["bytes_per_device"] / 3
