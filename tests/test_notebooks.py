@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import sys
 
 import pytest
@@ -73,3 +74,15 @@ def test_notebook_is_committed_without_outputs(path):
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, \
                 f"{path.name}: cell {k} has outputs; clear them before committing"
+
+
+def test_memory_notebook_plots_the_table_the_readme_quotes():
+    nb = nbformat.read(ROOT / "notebooks" / "02-memory.ipynb", as_version=4)
+    (table,) = re.findall(r'^TABLE = "([^"]+)"$', "\n".join(c.source for c in nb.cells), re.M)
+    assert (ROOT / table).is_file(), table
+    readme = (ROOT / "README.md").read_text()
+    performance = readme[readme.index("\n## Performance"):]
+    performance = performance[:performance.find("\n## ", 1)]
+    # The table's run, by its name without the extension (.json for the notebook, .md to read).
+    cited = set(re.findall(r"benchmarks/results/([\w.-]+?)\.(?:json|md)\b", performance))
+    assert cited == {pathlib.Path(table).stem}, cited
