@@ -1,4 +1,4 @@
-"""The TRT-LLM layout as Triton kernels (imported only by ``_triton``: needs torch and triton).
+"""The TRT-LLM layout as Triton kernels (imported only by ``program``: needs torch and triton).
 
 Every array is moved in units of 4 bytes (int32 pointers to the uint8 / float8
 bytes), and every offset is 64-bit, so arrays of any size work. A
@@ -25,7 +25,9 @@ paying a launch and a tail.
 
 from __future__ import annotations
 
+import __future__
 import contextlib
+import linecache
 import threading
 import warnings
 
@@ -33,26 +35,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .program import TILE_WHOLE
+from .tiles import TILE_WHOLE, whole_rows_fit
+
+
+@triton.jit
+def _place(pid, ROWS: tl.constexpr, COLS: tl.constexpr, BCOLS: tl.constexpr, N: tl.constexpr,
+           GROUP: tl.constexpr):
+    """Program ``pid``'s work: its expert, the group (of ``GROUP`` rows) of each of its
+    ``N * GROUP`` rows, each row's place in its group, and its ``BCOLS`` columns."""
+    ncb: tl.constexpr = (COLS + BCOLS - 1) // BCOLS
+    blocks: tl.constexpr = ROWS // (GROUP * N)
+    g = pid // ncb
+    t = tl.arange(0, GROUP * N)
+    return (g // blocks, (g % blocks) * N + t // GROUP, t % GROUP,
+            (pid % ncb) * BCOLS + tl.arange(0, BCOLS))
 
 
 @triton.jit
 def _rows(src, dst, pid, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
           NG: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
     # One program: NG shuffle groups (32 destination rows each) x BK units of one expert.
-    nkb: tl.constexpr = (K + BK - 1) // BK
-    blocks: tl.constexpr = ROWS // (32 * NG)
-    kb = pid % nkb
-    g = pid // nkb
-    e = g // blocks
-    r = tl.arange(0, 32 * NG)
-    q = (g % blocks) * NG + r // 32
-    r = r % 32
+    e, q, r, k = _place(pid, ROWS, K, BK, NG, 32)
     if GATED:  # destination row 32q + 16j + 8h + u <- source h * I + 16q + 2u + j
         src_row = ((r // 8) % 2) * (ROWS // 2) + 16 * q + 2 * (r % 8) + r // 16
     else:  # destination row 32q + 8b + c <- source 32q + 4c + b
         src_row = 32 * q + 4 * (r % 8) + r // 8
-    k = kb * BK + tl.arange(0, BK)
     base = e.to(tl.int64) * (ROWS * K)
     mask = (k < K)[None, :]
     x = tl.load(src + base + src_row.to(tl.int64)[:, None] * K + k[None, :], mask=mask)
@@ -65,21 +72,14 @@ def _rows(src, dst, pid, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
 @triton.jit
 def _scales(src, dst, pid, ROWS: tl.constexpr, CU: tl.constexpr, BC: tl.constexpr,
             NT: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
-    # One program: NT swizzle tiles (128 rows each) x BC units of one expert.
-    ncb: tl.constexpr = (CU + BC - 1) // BC
-    blocks: tl.constexpr = ROWS // (128 * NT)
-    cb = pid % ncb
-    g = pid // ncb
-    e = g // blocks
-    t = tl.arange(0, 128 * NT)
-    a = (g % blocks) * NT + t // 128
-    t = t % 128  # place in the tile's 128 x 4 block: (b, c, a0) or (j, h, u, q0)
+    # One program: NT swizzle tiles (128 rows each) x BC units of one expert. t: the place
+    # in the tile's 128 x 4 block, (b, c, a0) or (j, h, u, q0).
+    e, a, t, cu = _place(pid, ROWS, CU, BC, NT, 128)
     if GATED:  # t = 64j + 32h + 4u + q0 <- source row h * I + 64a + 16q0 + 2u + j
         src_row = ((t // 32) % 2) * (ROWS // 2) + 64 * a + 16 * (t % 4) + 2 * ((t // 4) % 8) \
             + t // 64
     else:  # t = 32b + 4c + a0 <- source row 128a + 32a0 + 4c + b
         src_row = 128 * a + 32 * (t % 4) + 4 * ((t // 4) % 8) + t // 32
-    cu = cb * BC + tl.arange(0, BC)
     base = e.to(tl.int64) * (ROWS * CU)
     mask = (cu < CU)[None, :]
     x = tl.load(src + base + src_row.to(tl.int64)[:, None] * CU + cu[None, :], mask=mask)
@@ -178,13 +178,13 @@ def rows(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=
     """Moving the rows of ``experts`` experts of a ``[E, rows, K]`` byte array.
 
     Gated and in place, a program holds all of an expert's rows for its block of
-    columns (the interleave's only closed set): ``_triton.w13_in_one_pass`` says when.
+    columns (the interleave's only closed set): ``tiles.w13_in_one_pass`` says when.
     """
     e, r, k = shape
     e = e if experts is None else experts
     ku = k // 4
     if in_place and gated:
-        assert r & (r - 1) == 0 and TILE_WHOLE // r >= 1, "gated rows cannot move in place"
+        assert whole_rows_fit(r), "gated rows cannot move in place"
         bk, ng = _block(ku, TILE_WHOLE // r), r // 32
     else:
         bk = _block(ku, 256)
@@ -219,7 +219,7 @@ def layer_launches(shapes, *, gated: bool, chunk=None, w13_one_pass: bool = Fals
     Buffers: out of place (``chunk=None``) 0-3 are the sources and 4-7 the
     destinations; in place 0-3 are the arrays and 4 the scratch, which holds
     ``chunk`` experts of gated w13 and then of their scales, or of the scales alone
-    with ``w13_one_pass`` (``_triton.scratch_bytes``). In place, the arrays that move
+    with ``w13_one_pass`` (``tiles.scratch_bytes``). In place, the arrays that move
     in one pass run beside the first chunk.
     """
     if chunk is None:
@@ -378,115 +378,43 @@ def run(launches, *, tensors, pointers=None, stream=None, device=None) -> None:
 
 @triton.jit
 def _pick(i: tl.constexpr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9):
-    if i == 0:
-        p = b0
-    elif i == 1:
-        p = b1
-    elif i == 2:
-        p = b2
-    elif i == 3:
-        p = b3
-    elif i == 4:
-        p = b4
-    elif i == 5:
-        p = b5
-    elif i == 6:
-        p = b6
-    elif i == 7:
-        p = b7
-    elif i == 8:
-        p = b8
-    else:
-        p = b9
+    # Buffer i, chosen at compile time (a conditional on a constexpr is static in Triton).
+    p = (b0 if i == 0 else b1 if i == 1 else b2 if i == 2 else b3 if i == 3 else b4 if i == 4
+         else b5 if i == 5 else b6 if i == 6 else b7 if i == 7 else b8 if i == 8 else b9)
     return p.to(tl.pointer_type(tl.int32))
-
-
-@triton.jit
-def _xla_body(b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, o0, o1, o2, o3, o4, o5, o6, o7,
-              X0: tl.constexpr, X1: tl.constexpr, X2: tl.constexpr, X3: tl.constexpr,
-              X4: tl.constexpr, X5: tl.constexpr, X6: tl.constexpr, X7: tl.constexpr,
-              N0: tl.constexpr, KIND0: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr,
-              C0: tl.constexpr, D0: tl.constexpr, G0: tl.constexpr, P0: tl.constexpr,
-              N1: tl.constexpr, KIND1: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
-              C1: tl.constexpr, D1: tl.constexpr, G1: tl.constexpr, P1: tl.constexpr,
-              N2: tl.constexpr, KIND2: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr,
-              C2: tl.constexpr, D2: tl.constexpr, G2: tl.constexpr, P2: tl.constexpr,
-              N3: tl.constexpr, KIND3: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
-              C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr):
-    _layer_kernel(
-        _pick(X0, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o0.to(tl.int64) * 4,
-        _pick(X1, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o1.to(tl.int64) * 4,
-        _pick(X2, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o2.to(tl.int64) * 4,
-        _pick(X3, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o3.to(tl.int64) * 4,
-        _pick(X4, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o4.to(tl.int64) * 4,
-        _pick(X5, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o5.to(tl.int64) * 4,
-        _pick(X6, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o6.to(tl.int64) * 4,
-        _pick(X7, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9) + o7.to(tl.int64) * 4,
-        N0, KIND0, A0, B0, C0, D0, G0, P0, N1, KIND1, A1, B1, C1, D1, G1, P1,
-        N2, KIND2, A2, B2, C2, D2, G2, P2, N3, KIND3, A3, B3, C3, D3, G3, P3)
 
 
 # One kernel per number of buffers a call has (a Triton kernel's parameters are fixed):
 # 8 = four operands + four results (out of place, or in place without scratch), 9 = the
 # first in-place call (its results: the four arrays aliased, then the new scratch),
 # 10 = later in-place calls (four arrays and the scratch, operands aliased to results).
+# Only the parameter lists differ, so each is generated from one template: the offsets,
+# the call's buffers, X0..X7 (which buffer each of _layer_kernel's eight pointers is), then
+# _layer_kernel's constants. The buffers a call lacks are b0 in _pick (never picked).
+_LAYER_CONSTS = _layer_kernel.arg_names[2 * SEGMENTS:]
 
 
-@triton.jit
-def _xla8(o0, o1, o2, o3, o4, o5, o6, o7, b0, b1, b2, b3, b4, b5, b6, b7,
-          X0: tl.constexpr, X1: tl.constexpr, X2: tl.constexpr, X3: tl.constexpr,
-          X4: tl.constexpr, X5: tl.constexpr, X6: tl.constexpr, X7: tl.constexpr,
-          N0: tl.constexpr, KIND0: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr,
-          C0: tl.constexpr, D0: tl.constexpr, G0: tl.constexpr, P0: tl.constexpr,
-          N1: tl.constexpr, KIND1: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
-          C1: tl.constexpr, D1: tl.constexpr, G1: tl.constexpr, P1: tl.constexpr,
-          N2: tl.constexpr, KIND2: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr,
-          C2: tl.constexpr, D2: tl.constexpr, G2: tl.constexpr, P2: tl.constexpr,
-          N3: tl.constexpr, KIND3: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
-          C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr):
-    _xla_body(b0, b1, b2, b3, b4, b5, b6, b7, b0, b0, o0, o1, o2, o3, o4, o5, o6, o7,
-              X0, X1, X2, X3, X4, X5, X6, X7, N0, KIND0, A0, B0, C0, D0, G0, P0,
-              N1, KIND1, A1, B1, C1, D1, G1, P1, N2, KIND2, A2, B2, C2, D2, G2, P2,
-              N3, KIND3, A3, B3, C3, D3, G3, P3)
+def _xla_kernel(n: int):
+    """The ``n``-buffer kernel: ``_xla{n}(o0..o7, b0..b{n-1}, X0..X7, N0, KIND0, ...)``."""
+    offsets, buffers = [f"o{j}" for j in range(8)], [f"b{j}" for j in range(n)]
+    picks = [f"X{j}" for j in range(8)]
+    consts = picks + _LAYER_CONSTS
+    ten = ", ".join(buffers + ["b0"] * (10 - n))
+    pointers = [f"_pick({x}, {ten}) + {o}.to(tl.int64) * 4" for x, o in zip(picks, offsets)]
+    name = f"_xla{n}"
+    src = (f"def {name}({', '.join(offsets + buffers)}, "
+           f"{', '.join(f'{c}: tl.constexpr' for c in consts)}):\n"
+           f"    _layer_kernel({', '.join(pointers + _LAYER_CONSTS)})\n")
+    # Triton reads a kernel's source (inspect.getsource): keep it where linecache finds it.
+    filename = f"<jax_nvfp4.backends.triton.kernels.{name}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(keepends=True), filename)
+    scope = {"tl": tl, "_pick": _pick, "_layer_kernel": _layer_kernel, "__name__": __name__}
+    exec(compile(src, filename, "exec", flags=annotations.compiler_flag, dont_inherit=True),
+         scope)
+    return triton.jit(scope[name])
 
 
-@triton.jit
-def _xla9(o0, o1, o2, o3, o4, o5, o6, o7, b0, b1, b2, b3, b4, b5, b6, b7, b8,
-          X0: tl.constexpr, X1: tl.constexpr, X2: tl.constexpr, X3: tl.constexpr,
-          X4: tl.constexpr, X5: tl.constexpr, X6: tl.constexpr, X7: tl.constexpr,
-          N0: tl.constexpr, KIND0: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr,
-          C0: tl.constexpr, D0: tl.constexpr, G0: tl.constexpr, P0: tl.constexpr,
-          N1: tl.constexpr, KIND1: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
-          C1: tl.constexpr, D1: tl.constexpr, G1: tl.constexpr, P1: tl.constexpr,
-          N2: tl.constexpr, KIND2: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr,
-          C2: tl.constexpr, D2: tl.constexpr, G2: tl.constexpr, P2: tl.constexpr,
-          N3: tl.constexpr, KIND3: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
-          C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr):
-    _xla_body(b0, b1, b2, b3, b4, b5, b6, b7, b8, b0, o0, o1, o2, o3, o4, o5, o6, o7,
-              X0, X1, X2, X3, X4, X5, X6, X7, N0, KIND0, A0, B0, C0, D0, G0, P0,
-              N1, KIND1, A1, B1, C1, D1, G1, P1, N2, KIND2, A2, B2, C2, D2, G2, P2,
-              N3, KIND3, A3, B3, C3, D3, G3, P3)
-
-
-@triton.jit
-def _xla10(o0, o1, o2, o3, o4, o5, o6, o7, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9,
-           X0: tl.constexpr, X1: tl.constexpr, X2: tl.constexpr, X3: tl.constexpr,
-           X4: tl.constexpr, X5: tl.constexpr, X6: tl.constexpr, X7: tl.constexpr,
-           N0: tl.constexpr, KIND0: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr,
-           C0: tl.constexpr, D0: tl.constexpr, G0: tl.constexpr, P0: tl.constexpr,
-           N1: tl.constexpr, KIND1: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
-           C1: tl.constexpr, D1: tl.constexpr, G1: tl.constexpr, P1: tl.constexpr,
-           N2: tl.constexpr, KIND2: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr,
-           C2: tl.constexpr, D2: tl.constexpr, G2: tl.constexpr, P2: tl.constexpr,
-           N3: tl.constexpr, KIND3: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
-           C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr):
-    _xla_body(b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, o0, o1, o2, o3, o4, o5, o6, o7,
-              X0, X1, X2, X3, X4, X5, X6, X7, N0, KIND0, A0, B0, C0, D0, G0, P0,
-              N1, KIND1, A1, B1, C1, D1, G1, P1, N2, KIND2, A2, B2, C2, D2, G2, P2,
-              N3, KIND3, A3, B3, C3, D3, G3, P3)
-
-
-XLA_KERNELS = {8: _xla8, 9: _xla9, 10: _xla10}
+XLA_KERNELS = {n: _xla_kernel(n) for n in (8, 9, 10)}
 
 
 def xla_call_args(launch: Launch, places) -> tuple[list[int], dict]:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 
 from ...layout.spec import LayerSpec
+from .tiles import scratch_bytes, w13_in_one_pass
 
 INSTALL_HINT = 'pip install "jax-nvfp4[triton]" (a CUDA build of torch, which brings triton)'
 
@@ -93,31 +93,6 @@ def _jax_triton():
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# Gated w13 moves in place in one pass where one program holds all of an expert's rows
-# for a block of at least WHOLE_MIN_UNITS four-byte columns, TILE_WHOLE units in all:
-# 2I a power of two up to 1024 (TP shards). Larger, its rows go through scratch.
-TILE_WHOLE = 16384
-WHOLE_MIN_UNITS = 16
-
-
-def w13_in_one_pass(spec: LayerSpec) -> bool:
-    """Whether the in-place program moves gated w13 in one pass (no scratch for it)."""
-    rows = spec.shapes(padded=True)[0][1]
-    return spec.gated and rows & (rows - 1) == 0 and TILE_WHOLE // rows >= WHOLE_MIN_UNITS
-
-
-def scratch_bytes(spec: LayerSpec, chunks) -> int:
-    """Scratch of the in-place program: a chunk of gated w13's scales, and of w13 itself
-    unless it moves in one pass (0 when not gated: every group is its own source).
-    Chunks (experts) are ``chunks[1]`` for the scales alone, else ``chunks[0]``."""
-    if not spec.gated or chunks is None:
-        return 0
-    per = [math.prod(s[1:]) for s in spec.shapes(padded=True)[:2]]
-    if w13_in_one_pass(spec):
-        return min(chunks[1], spec.experts) * per[1]
-    return min(chunks[0], spec.experts) * (per[0] + per[1])
 
 
 # Our own prototype of PyCapsule_GetPointer (not ctypes.pythonapi's shared one, whose

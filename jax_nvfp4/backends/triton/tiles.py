@@ -1,0 +1,38 @@
+"""Tile sizes of the Triton kernels that the plan depends on: when gated w13 moves in place
+in one pass, and how much scratch the in-place program needs. Plain Python (no torch or
+triton), shared by ``program`` (the plan) and ``kernels`` (the launches)."""
+
+from __future__ import annotations
+
+import math
+
+from ...layout.spec import LayerSpec
+
+# Gated w13 moves in place in one pass where one program holds all of an expert's rows
+# for a block of at least WHOLE_MIN_UNITS four-byte columns, TILE_WHOLE units in all:
+# 2I a power of two up to 1024 (TP shards). Larger, its rows go through scratch.
+TILE_WHOLE = 16384
+WHOLE_MIN_UNITS = 16
+
+
+def whole_rows_fit(rows: int) -> bool:
+    """Whether one program can hold all ``rows`` rows of an expert (gated w13 in place):
+    ``rows`` a power of two with at least ``WHOLE_MIN_UNITS`` columns in a tile."""
+    return rows & (rows - 1) == 0 and TILE_WHOLE // rows >= WHOLE_MIN_UNITS
+
+
+def w13_in_one_pass(spec: LayerSpec) -> bool:
+    """Whether the in-place program moves gated w13 in one pass (no scratch for it)."""
+    return spec.gated and whole_rows_fit(spec.shapes(padded=True)[0][1])
+
+
+def scratch_bytes(spec: LayerSpec, chunks) -> int:
+    """Scratch of the in-place program: a chunk of gated w13's scales, and of w13 itself
+    unless it moves in one pass (0 when not gated: every group is its own source).
+    Chunks (experts) are ``chunks[1]`` for the scales alone, else ``chunks[0]``."""
+    if not spec.gated or chunks is None:
+        return 0
+    per = [math.prod(s[1:]) for s in spec.shapes(padded=True)[:2]]
+    if w13_in_one_pass(spec):
+        return min(chunks[1], spec.experts) * per[1]
+    return min(chunks[0], spec.experts) * (per[0] + per[1])
