@@ -27,7 +27,7 @@ from . import kernels
 from .numerics.dequant import dequantize_layer
 from .numerics.forward import moe_forward
 from .checkpoint.load import load
-from .transform import prepare_layer, unprepare_layer
+from .layer import prepare_layer, unprepare_layer
 from .numerics.quant import quantize_nvfp4
 from .numerics.scales import kernel_scales
 from .tree.prepare import PrepareError, PreparedLayer, fuse_gate_up, is_prepared, prepare

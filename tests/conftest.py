@@ -23,7 +23,7 @@ def _has_cuda() -> bool:
 
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter (read when the kernels
-# are defined, so before jax_nvfp4._triton_kernels is imported).
+# are defined, so before jax_nvfp4.backends.triton.kernels is imported).
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4.backends import select as _backends
+from jax_nvfp4.backends import flashinfer as _flashinfer, select as _backends
 from jax_nvfp4 import transform as _prepare
 from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.layout.spec import LayerSpec
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.usefixtures("on_cpu")
 
 def test_import_needs_neither_torch_nor_flashinfer():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['flashinfer'] = None\n"
-            "import jax_nvfp4, torch_bridge, jax_nvfp4.backends.select\n"
-            "assert 'torch is not installed' in jax_nvfp4.backends.select.flashinfer_missing()\n")
+            "import jax_nvfp4, torch_bridge, jax_nvfp4.backends.flashinfer\n"
+            "assert 'torch is not installed' in jax_nvfp4.backends.flashinfer.missing()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
 
@@ -57,7 +57,7 @@ def test_flashinfer_on_cpu_arrays_is_refused_before_donation(rng):
 
 def test_flashinfer_missing_is_an_import_error_naming_the_extra(rng, monkeypatch):
     layer = to_jax(random_layer(rng, 2, 128, 64))
-    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(_flashinfer.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match=r"jax-nvfp4\[flashinfer\]"):
         jax_nvfp4.prepare_layer(*layer, backend="flashinfer")
     assert not any(x.is_deleted() for x in layer)
@@ -74,7 +74,8 @@ def test_flashinfer_program_plumbing_on_cpu(rng, stand_in_kernel, e, h, i, gated
     arrays = to_jax(layer)                                  # test_hidden_padding.py)
     pointers = [x.unsafe_buffer_pointer() for x in arrays]
     chunks = _prepare.experts_per_chunk(spec, chunk_bytes)
-    out = _prepare._compiled(spec, False, donate, chunks, "flashinfer")(*arrays)
+    out = _prepare.compiled(spec, inverse=False, donate=donate, chunks=chunks,
+                             backend="flashinfer")(*arrays)
     for name, g, w in zip(("w13", "w13_scale", "w2", "w2_scale"), out,
                           _reference.prepare_layer(*layer, gated=gated, hidden_alignment=128)):
         assert_bytes_equal(g, w, name)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4 import transform as _prepare
+from jax_nvfp4 import options, transform as _prepare
 from jax_nvfp4.layout.spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
 
@@ -59,7 +59,7 @@ def test_scratch_is_one_chunk(e, h, i, gated, chunk_bytes):
     spec = LayerSpec(e, h, i, gated)
     chunks = _prepare.experts_per_chunk(spec, chunk_bytes)
     args = [jax.ShapeDtypeStruct(s, jnp.uint8) for s in spec.shapes(padded=False)]
-    stats = _prepare._compiled(spec, False, True, chunks).lower(*args).compile().memory_analysis()
+    stats = _prepare.compiled(spec, inverse=False, donate=True, chunks=chunks).lower(*args).compile().memory_analysis()
     largest_chunk = max(c * s[1] * s[2] for c, s in zip(chunks, spec.shapes(padded=False)))
     assert stats.alias_size_in_bytes == spec.nbytes
     assert stats.temp_size_in_bytes <= largest_chunk + 16384  # + the loop's bookkeeping
@@ -81,7 +81,7 @@ def test_chunks_follow_the_budget():
 def test_default_chunk_follows_free_memory():
     spec = LayerSpec(256, 7168, 2048, True)
     roomy = _prepare.default_chunk_bytes(spec, free=10**12)
-    assert roomy == spec.nbytes // _prepare.LAYER_SHARE  # the layer's share when memory allows
+    assert roomy == spec.nbytes // options.current().layer_share  # the layer's share when memory allows
     tight = [_prepare.default_chunk_bytes(spec, free=f) for f in (800 << 20, 900 << 20)]
     # at most 1/8 of what is free, as a power of two so programs are reused as it shrinks
     assert tight == [64 << 20, 64 << 20]

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import jax_nvfp4
+from jax_nvfp4 import options
 from jax_nvfp4.backends import select as _backends
 from jax_nvfp4.bench import layout as _bench
 from jax_nvfp4.layout import reference as _reference
@@ -24,27 +25,29 @@ ROUTES = ["callback", pytest.param("xla", marks=pytest.mark.skipif(
 
 
 @pytest.fixture
-def callback_route(monkeypatch):
+def callback_route():
     """Tests of the buffer_callback launcher: that route, whatever jax-triton gives."""
-    monkeypatch.setattr(_triton, "ROUTE", "callback")
+    with options.override(triton_route="callback"):
+        yield
 
 
-def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng, monkeypatch):
+def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng):
     from jax_nvfp4 import transform as _prepare
-    monkeypatch.setattr(_prepare, "TRITON_MIN_BYTES", 0)  # its rule on a small layer
     layer = to_jax(random_layer(rng, 2, 128, 64))
-    assert _backends.resolve_backend("auto", layer) == (
-        "triton" if _backends.AUTO_PICKS_TRITON else "xla")
-    job = _prepare.plan_job(layer, gated=True, donate=False, backend="auto", chunk_bytes=None,
-                            inverse=False)
-    assert job.program is _prepare._compiled(job.spec, False, False, job.chunks, "xla", True,
-                                             None, None, None)
-    job = _prepare.plan_job(layer, gated=True, donate=True, backend="auto", chunk_bytes=None,
-                            inverse=False)  # in place, w13 in one pass (2I = 128)
-    assert job.program is _prepare._compiled(job.spec, False, True, job.chunks, "triton", True,
-                                             None, None, _triton.route())
-    assert _prepare.needs_triton(LayerSpec(256, 7168, 2048, True))  # w13: 3.76 GB
-    assert not _prepare.needs_triton(LayerSpec(128, 7168, 2048, True))
+    with options.override(triton_min_bytes=0):  # its rule on a small layer
+        assert _backends.resolve_backend("auto", layer) == (
+            "triton" if options.current().auto_picks_triton else "xla")
+        job = _prepare.plan_job(layer, gated=True, donate=False, backend="auto",
+                                chunk_bytes=None, inverse=False)
+        assert job.program is _prepare.compiled(job.spec, inverse=False, donate=False,
+                                                chunks=job.chunks, pallas=True)
+        job = _prepare.plan_job(layer, gated=True, donate=True, backend="auto",
+                                chunk_bytes=None, inverse=False)  # in place, w13 in one pass
+        assert job.program is _prepare.compiled(job.spec, inverse=False, donate=True,
+                                                chunks=job.chunks, backend="triton",
+                                                pallas=True, via=_triton.route())
+    assert _backends.needs_triton(LayerSpec(256, 7168, 2048, True))  # w13: 3.76 GB
+    assert not _backends.needs_triton(LayerSpec(128, 7168, 2048, True))
 
 
 @pytest.mark.parametrize("e, h, i, gated", [(1, 128, 64, True), (3, 256, 96, True),
@@ -53,11 +56,11 @@ def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng, monkeypatch):
                                             (6, 2048, 768, True)])
 @pytest.mark.parametrize("donate", [True, False])
 @pytest.mark.parametrize("route", ROUTES)
-def test_triton_backend_is_bit_exact(rng, e, h, i, gated, donate, route, monkeypatch):
-    monkeypatch.setattr(_triton, "ROUTE", route)
+def test_triton_backend_is_bit_exact(rng, e, h, i, gated, donate, route):
     layer = random_layer(rng, e, h, i, gated=gated)
-    out = jax_nvfp4.prepare_layer(*to_jax(layer), gated=gated, donate=donate, backend="triton",
-                                  chunk_bytes=1 << 18)
+    with options.override(triton_route=route):
+        out = jax_nvfp4.prepare_layer(*to_jax(layer), gated=gated, donate=donate,
+                                      backend="triton", chunk_bytes=1 << 18)
     for name, g, w in zip(NAMES, out, _reference.prepare_layer(*layer, gated=gated)):
         assert_bytes_equal(g, w, name)
 

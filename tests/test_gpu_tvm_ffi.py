@@ -15,7 +15,7 @@ pytest.importorskip("jax_tvm_ffi")
 
 import jax_nvfp4
 import torch_bridge
-from jax_nvfp4.backends import select as _backends
+from jax_nvfp4.backends import flashinfer as _flashinfer
 from jax_nvfp4.layout import index as _layout, reference as _reference
 from jax_nvfp4 import kernels
 from helpers import assert_bytes_equal, assert_no_race, random_layer, to_jax
@@ -76,7 +76,7 @@ def test_ffi_start_writes_only_its_experts(rng):
 
 
 def test_flashinfer_backend_uses_ffi_and_stays_in_place(rng):
-    assert _backends._via_ffi()
+    assert _flashinfer._via_ffi()
     host = random_layer(rng, 64, 2048, 256)
     want = _reference.prepare_layer(*host, gated=True)
     layer = to_jax(host)
@@ -97,7 +97,7 @@ def test_ffi_route_has_no_race(rng):
 def test_buffer_callback_fallback_still_matches(rng, monkeypatch):
     from jax_nvfp4.kernels import _ffi
     monkeypatch.setattr(_ffi, "missing", lambda: "forced off")
-    assert not _backends._via_ffi()
+    assert not _flashinfer._via_ffi()
     host = random_layer(rng, 8, 1024, 128)
     want = _reference.prepare_layer(*host, gated=True)
     out = jax_nvfp4.prepare_layer(*to_jax(host), backend="flashinfer")

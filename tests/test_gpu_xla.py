@@ -46,7 +46,8 @@ def test_float8_program_is_in_place_with_one_chunk_of_scratch(e, h, i, gated, ch
     chunks = _prepare.experts_per_chunk(spec, chunk_bytes)
     args = [jax.ShapeDtypeStruct(s, d) for s, d in
             zip(spec.shapes(padded=False), (jnp.uint8, SCALE_DTYPE) * 2)]
-    compiled = _prepare._compiled(spec, False, True, chunks, "xla", pallas).lower(*args).compile()
+    compiled = _prepare.compiled(spec, inverse=False, donate=True, chunks=chunks,
+                                 pallas=pallas).lower(*args).compile()
     stats = compiled.memory_analysis()
     largest_chunk = max(c * s[1] * s[2] for c, s in zip(chunks, spec.shapes(padded=False)))
     assert stats.alias_size_in_bytes == spec.nbytes

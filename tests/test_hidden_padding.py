@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_nvfp4
 import vllm_source
-from jax_nvfp4.backends import select as _backends
+from jax_nvfp4.backends import flashinfer as _flashinfer
 from jax_nvfp4 import transform as _prepare
 from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.backends.triton import program as _triton
@@ -172,7 +172,8 @@ def test_pallas_path(rng, e, h, i, gated, donate):
     layer = random_layer(rng, e, h, i, gated=gated)
     spec = LayerSpec(e, h, i, gated)
     chunks = _prepare.experts_per_chunk(spec, 30000)
-    out = _prepare._compiled(spec, False, donate, chunks, "xla", True)(*to_jax(layer))
+    out = _prepare.compiled(spec, inverse=False, donate=donate, chunks=chunks,
+                            pallas=True)(*to_jax(layer))
     for name, g, w in zip(NAMES, out, _reference.prepare_layer(*layer, gated=gated)):
         assert_bytes_equal(g, w, name)
 
@@ -182,11 +183,12 @@ def test_pallas_path(rng, e, h, i, gated, donate):
 @pytest.mark.parametrize("donate", [True, False])
 def test_flashinfer_backend_program(rng, monkeypatch, stand_in_kernel, e, h, i, gated, donate):
     """backend="flashinfer" pads in XLA, so its kernel sees already padded scale blocks."""
-    monkeypatch.setattr(_backends, "_via_ffi", lambda: False, raising=False)  # torch_bridge
+    monkeypatch.setattr(_flashinfer, "_via_ffi", lambda: False)  # torch_bridge
     layer = random_layer(rng, e, h, i, gated=gated)
     spec = LayerSpec(e, h, i, gated)
     chunks = _prepare.experts_per_chunk(spec, 20000)
-    out = _prepare._compiled(spec, False, donate, chunks, "flashinfer")(*to_jax(layer))
+    out = _prepare.compiled(spec, inverse=False, donate=donate, chunks=chunks,
+                            backend="flashinfer")(*to_jax(layer))
     for name, g, w in zip(NAMES, out, _reference.prepare_layer(*layer, gated=gated)):
         assert_bytes_equal(g, w, name)
     assert stand_in_kernel, "the kernel was not called"

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("jax_tvm_ffi")
 
-from jax_nvfp4.backends import select as _backends
+from jax_nvfp4.backends import flashinfer as _flashinfer
 from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.kernels import _ffi, _interleave, block_scale_interleave
 from helpers import assert_bytes_equal
@@ -115,8 +115,8 @@ def test_start_writes_only_its_experts_in_place(rng):
 
 def test_scale_writer_takes_the_ffi_route(rng, monkeypatch):
     # The flashinfer backend's writer, with identity rows, on the stand-in.
-    assert _backends._via_ffi()
-    fn, write = _backends.scale_writer("flashinfer", lambda x: x)
+    assert _flashinfer._via_ffi()
+    fn, write = _flashinfer.scale_writer(lambda x: x)
     assert _kernel_of(fn) is block_scale_interleave
     b, s = _scales(rng, (4, 128, 8))
     assert_bytes_equal(np.asarray(jax.jit(fn)(s)).reshape(-1), _reference.swizzle(b))
@@ -124,9 +124,9 @@ def test_scale_writer_takes_the_ffi_route(rng, monkeypatch):
     got = jax.jit(lambda o, x: write(o, 1, x[1:3]), donate_argnums=0)(buf, s)
     assert_bytes_equal(np.asarray(got)[1:3].reshape(-1), _reference.swizzle(b[1:3]))
     monkeypatch.setattr(_ffi, "missing", lambda: "jax-tvm-ffi is not installed")
-    assert not _backends._via_ffi()
+    assert not _flashinfer._via_ffi()
     torch_bridge = pytest.importorskip("torch_bridge")
-    fn, _ = _backends.scale_writer("flashinfer", lambda x: x)
+    fn, _ = _flashinfer.scale_writer(lambda x: x)
     assert _kernel_of(fn) is torch_bridge.block_scale_interleave  # the buffer_callback fallback
 
 

@@ -2,7 +2,7 @@
 
 In-process marks (the PreparedLayer type, marked arrays, fingerprints of their bytes) die
 with the process; a restored layer is new arrays. A new process is emulated here by
-switching the fingerprint check off (_marks.CHECK_COPIES), so only the marker can tell."""
+switching the fingerprint check off (options check_copies), so only the marker can tell."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jax_nvfp4
+from jax_nvfp4 import options
 from jax_nvfp4.tree import marks as _marks
 from jax_nvfp4.layout import reference as _reference
 from helpers import assert_bytes_equal, random_layer, to_jax
@@ -22,8 +23,9 @@ NAMES = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
 
 
 @pytest.fixture
-def new_process(monkeypatch):
-    monkeypatch.setattr(_marks, "CHECK_COPIES", False)
+def new_process():
+    with options.override(check_copies=False):
+        yield
 
 
 def _params(rng, i=96):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jax_nvfp4 import transform as _prepare
+from jax_nvfp4 import options, transform as _prepare
+from jax_nvfp4.backends import select, xla
 from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.layout.spec import LayerSpec
 from helpers import assert_bytes_equal, random_layer, to_jax
@@ -19,13 +20,13 @@ def test_pallas_program_equals_reference_and_round_trips(rng, e, h, i, gated, do
     chunks = _prepare.experts_per_chunk(spec, 30000)  # several chunks, a tail
     arrays = to_jax(layer)
     pointers = [x.unsafe_buffer_pointer() for x in arrays]
-    out = _prepare._compiled(spec, False, donate, chunks, "xla", True)(*arrays)
+    out = _prepare.compiled(spec, inverse=False, donate=donate, chunks=chunks, pallas=True)(*arrays)
     for name, g, w in zip(("w13", "w13_scale", "w2", "w2_scale"), out,
                           _reference.prepare_layer(*layer, gated=gated, hidden_alignment=128)):
         assert_bytes_equal(g, w, name)
     if donate and not spec.needs_padding:
         assert [x.unsafe_buffer_pointer() for x in out] == pointers
-    back = _prepare._compiled(spec, True, donate, chunks, "xla", True)(*out)
+    back = _prepare.compiled(spec, inverse=True, donate=donate, chunks=chunks, pallas=True)(*out)
     if not spec.needs_padding:
         for name, g, w in zip(("w13", "w13_scale", "w2", "w2_scale"), back, layer):
             assert_bytes_equal(g, w, f"round trip {name}")
@@ -34,12 +35,14 @@ def test_pallas_program_equals_reference_and_round_trips(rng, e, h, i, gated, do
 def test_pallas_is_used_only_on_gpu(rng):
     layer = to_jax(random_layer(rng, 2, 128, 64))
     on_gpu = all(d.platform == "gpu" for d in layer[0].devices())
-    assert _prepare.use_pallas(layer) == (_prepare.PALLAS and on_gpu)
+    assert select.use_pallas(layer) == on_gpu
+    with options.override(pallas=False):
+        assert not select.use_pallas(layer)
 
 
 def test_arrays_from_2gib_stay_on_xla():
     """Pallas' Triton lowering indexes with int32: larger arrays must not reach it."""
     spec = LayerSpec(256, 7168, 2048, True)  # w13 is 3.76 GB, the rest under 2 GiB
-    fns = _prepare._transforms(spec, False, "xla", True)
+    fns = xla.transforms(spec, inverse=False, pallas=True)
     assert fns[0][1] is None  # XLA transpose, no kernel writer
     assert all(fns[k][1] is not None for k in (1, 2, 3))

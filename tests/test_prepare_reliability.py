@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jax_nvfp4
+from jax_nvfp4 import options
 from jax_nvfp4.tree import marks as _marks
 from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.tree import prepare as _tree
@@ -194,7 +195,7 @@ def test_no_false_positives(rng):
     jax_nvfp4.prepare_layer(*zeros, donate=False)
 
 
-def test_copy_detection_can_be_switched_off(rng, monkeypatch):
+def test_copy_detection_can_be_switched_off(rng):
     out = jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, 2, 256, 64)), donate=False)
-    monkeypatch.setattr(_marks, "CHECK_COPIES", False)
-    jax_nvfp4.prepare_layer(*[jnp.array(x) for x in out])  # shuffled twice, as asked
+    with options.override(check_copies=False):
+        jax_nvfp4.prepare_layer(*[jnp.array(x) for x in out])  # shuffled twice, as asked

@@ -120,7 +120,8 @@ def test_compiled_program_is_local_with_no_collectives(spec, inverse):
     local_shapes = [NamedSharding(mesh, p).shard_shape(s) for s, p in zip(host_shapes, specs)]
     assert plan.local.shapes(padded=False) == tuple(local_shapes)
     chunks = _prepare.experts_per_chunk(plan.local, 4096)
-    hlo = _prepare._compiled(plan.local, inverse, True, chunks, plan=plan).lower(*args).compile()
+    hlo = _prepare.compiled(plan.local, inverse=inverse, donate=True, chunks=chunks,
+                            plan=plan).lower(*args).compile()
     text = hlo.as_text()
     assert "dynamic-update-slice" in text  # the in-place loop, on...
     for s in local_shapes:  # ...each device's local block

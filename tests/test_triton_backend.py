@@ -6,10 +6,13 @@ index formulas, the chunking through scratch, aliasing and the refusals.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import pytest
 
 import jax_nvfp4
+from jax_nvfp4 import options
 from jax_nvfp4.backends import select as _backends
 from jax_nvfp4 import transform as _prepare
 from jax_nvfp4.layout import reference as _reference
@@ -63,8 +66,8 @@ def test_in_place_program_needs_one_chunk_of_scratch(gated):
     spec = LayerSpec(e, h, i, gated)
     one_pass = _triton.w13_in_one_pass(spec)
     chunks = _prepare.experts_per_chunk(spec, 70000, w13_together=not one_pass)
-    program = _prepare._compiled(spec, False, True, chunks, "triton", False, None, None,
-                                 _triton.route())
+    program = _prepare.compiled(spec, inverse=False, donate=True, chunks=chunks,
+                                backend="triton", via=_triton.route())
     shapes = [jax.ShapeDtypeStruct(s, d) for s, d in
               zip(spec.shapes(padded=True), ("uint8", "float8_e4m3fn") * 2)]
     stats = program.lower(*shapes).compile().memory_analysis()
@@ -83,15 +86,15 @@ def test_auto_takes_triton_for_large_arrays_and_one_pass_in_place():
     nemotron = LayerSpec(128, 2688, 1856, False)  # padded: H -> 2816, I -> 1920
     qwen3_tp8 = LayerSpec(128, 2048, 96, True)     # padded: I -> 128 (40 MB)
     for donate in (True, False):
-        assert _prepare.auto_takes_triton(deepseek, donate=donate)  # w13: 3.76 GB
-        assert not _prepare.auto_takes_triton(qwen3, donate=donate)
-        assert _prepare.auto_takes_triton(nemotron, donate=donate)  # large, padded
-        assert not _prepare.auto_takes_triton(qwen3_tp8, donate=donate)  # small, padded
-        assert not _prepare.auto_takes_triton(tiny, donate=donate)
-        assert _prepare.auto_takes_triton(qwen3, donate=donate, pallas=False)
-    assert _prepare.auto_takes_triton(tp8, donate=True)
-    assert not _prepare.auto_takes_triton(tp8, donate=False)
-    assert not _prepare.auto_takes_triton(tp8, donate=True, inverse=True)
+        assert _backends.auto_takes_triton(deepseek, donate=donate)  # w13: 3.76 GB
+        assert not _backends.auto_takes_triton(qwen3, donate=donate)
+        assert _backends.auto_takes_triton(nemotron, donate=donate)  # large, padded
+        assert not _backends.auto_takes_triton(qwen3_tp8, donate=donate)  # small, padded
+        assert not _backends.auto_takes_triton(tiny, donate=donate)
+        assert _backends.auto_takes_triton(qwen3, donate=donate, pallas=False)
+    assert _backends.auto_takes_triton(tp8, donate=True)
+    assert not _backends.auto_takes_triton(tp8, donate=False)
+    assert not _backends.auto_takes_triton(tp8, donate=True, inverse=True)
 
 
 def test_w13_moves_in_one_pass_up_to_1024_rows():
@@ -148,7 +151,6 @@ def test_expert_sharded_layer_is_prepared_per_device(rng, donate):
 
 
 def test_route_is_xla_with_jax_triton_and_callback_in_the_interpreter(monkeypatch):
-    monkeypatch.setattr(_triton, "ROUTE", "auto")
     monkeypatch.setattr(_triton, "jax_triton_missing", lambda: None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert _triton.route() == "xla"
@@ -157,9 +159,12 @@ def test_route_is_xla_with_jax_triton_and_callback_in_the_interpreter(monkeypatc
     monkeypatch.setattr(_triton, "jax_triton_missing", lambda: "not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert _triton.route() == "callback"
-    monkeypatch.setattr(_triton, "ROUTE", "callbacks")
-    with pytest.raises(ValueError, match="ROUTE"):
-        _triton.route()
+    with options.override(triton_route="xla"):
+        assert _triton.route() == "xla"
+    with pytest.raises(ValueError, match="triton_route"), options.override(triton_route="x"):
+        pass
+    with pytest.raises(ValueError, match="JAX_NVFP4_TRITON_ROUTE"):
+        _triton.route(dataclasses.replace(options.current(), triton_route="callbacks"))
 
 
 @pytest.mark.skipif(_triton.missing() is not None, reason="needs triton")

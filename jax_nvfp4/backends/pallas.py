@@ -8,8 +8,8 @@ blocks of rows moves 16 bytes per thread: each program copies the ``s`` source
 rows that become ``s`` consecutive output rows (a rectangular block in the
 source view), ``kb`` bytes wide.
 
-Used by ``_prepare`` for the weight arrays on CUDA (``_prepare.PALLAS``); the
-result is the same bytes as ``_layout.move``. Elsewhere (CPU tests) it runs in
+Used by ``xla`` for the weight arrays on CUDA (the option ``pallas``); the
+result is the same bytes as ``layout.index.move``. Elsewhere (CPU tests) it runs in
 Pallas' interpreter.
 """
 

@@ -1,45 +1,26 @@
-"""Backends: pure XLA, Triton kernels, or flashinfer's swizzle kernel through torch_bridge.
+"""Which backend runs a layer: the name checked, ``"auto"``'s rule, and whether the weights'
+rows go through the Pallas kernels. The one place that decides (``choose``).
 
-* ``"xla"``: reshapes and transposes (Pallas row kernels for the weights on CUDA).
-* ``"triton"``: every array moved by the Triton kernels of ``_triton`` (CUDA).
-* ``"flashinfer"``: rows in XLA, the 128x4 scale swizzle by flashinfer's
+* ``"xla"`` (``xla``): reshapes and transposes (Pallas row kernels for the weights on CUDA).
+* ``"triton"`` (``triton``): every array moved by Triton kernels (CUDA).
+* ``"flashinfer"`` (``flashinfer``): rows in XLA, the 128x4 scale swizzle by flashinfer's
   ``block_scale_interleave``.
-
-The last two run inside the jitted program through
-``jax.experimental.buffer_callback`` on XLA's stream, writing straight into the
-(donated) buffers. torch, triton and flashinfer are imported only when asked for.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
+import dataclasses
+import math
 
 import jax
-from torch_bridge._bridge import INSTALL_HINT
 
-from .triton import program as _triton
+from ..layout.spec import LayerSpec
+from ..options import Options, current
+from . import flashinfer, pallas
+from .triton import program as triton
+from .triton.tiles import w13_in_one_pass
 
 BACKENDS = ("auto", "xla", "triton", "flashinfer")
-
-# Whether "auto" may pick flashinfer. Measured on an H100 and an H200
-# (benchmarks/NOTES.md): XLA's fused rows + swizzle transpose is faster than
-# the row permutation followed by flashinfer's kernel (which moves one byte per
-# thread), so "auto" stays on XLA. Set from measurements, not from availability.
-AUTO_PICKS_FLASHINFER = False
-# Whether "auto" may pick the Triton kernels on CUDA (when torch and triton import);
-# the caller's ``auto_triton`` then says whether they win for the layer
-# (_prepare.auto_takes_triton; measured: benchmarks/NOTES.md).
-AUTO_PICKS_TRITON = True
-
-
-def flashinfer_missing() -> str | None:
-    """Why the flashinfer backend cannot run in this process (None when it can)."""
-    # torch stays needed with jax-tvm-ffi too: flashinfer imports it and compiles with it.
-    for module, what in (("torch", "torch"), ("flashinfer", "flashinfer-python")):
-        if importlib.util.find_spec(module) is None:
-            return f"{what} is not installed; {INSTALL_HINT}"
-    return None
 
 
 def _devices(arrays):
@@ -68,15 +49,57 @@ def _on_cpu(arrays) -> bool:
     return bool(devices) and all(d.platform == "cpu" for d in devices)
 
 
+def use_pallas(arrays, options: Options | None = None) -> bool:
+    """Whether the weights' rows move with the Pallas kernels: on CUDA GPUs, when enabled."""
+    options = options or current()
+    return options.pallas and all(isinstance(x, jax.Array) and
+                                  all(d.platform == "gpu" for d in x.devices()) for x in arrays)
+
+
+def needs_triton(spec: LayerSpec) -> bool:
+    """Whether an array of the layer is 2 GiB or more: too large for the Pallas row
+    kernels, which leaves XLA moving it a byte per thread."""
+    return not all(pallas.fits(math.prod(s)) for s in spec.shapes(padded=True))
+
+
+def auto_takes_triton(spec: LayerSpec, *, donate: bool, inverse: bool = False,
+                      pallas: bool = True, options: Options | None = None) -> bool:
+    """The rule of ``backend="auto"`` on CUDA: whether the Triton kernels prepare this
+    (per-device) layer rather than XLA (with the Pallas row kernels where ``pallas``).
+    ``resolve_backend`` then checks that Triton can run (CUDA arrays, torch and triton
+    installed). Each branch names its measurement: one H200, one run,
+    benchmarks/results/h200-2026-12-03-38b4dd417adf.json (wall ms, device ms in brackets;
+    Triton launched from a buffer_callback), and call 7 (benchmarks/NOTES.md)."""
+    options = options or current()
+    if inverse:  # no kernel for the inverse
+        return False
+    if not pallas:  # XLA alone moves uint8 a byte per thread: a third of the copy bandwidth
+        return True
+    if needs_triton(spec):  # an array of 2 GiB or more stays off Pallas (int32 offsets):
+        return True  # DeepSeek-V3 donated 6.31 [5.46] vs xla 9.66 [8.97], not 5.82 [3.12] vs 6.25 [5.72]
+    large = spec.nbytes >= options.triton_min_bytes
+    if spec.needs_padding:  # out of place either way (the padding is a new buffer):
+        # Nemotron-3-Nano (720 MB): triton 1.93 [1.33] vs xla 2.28 [1.69], donated or not;
+        # Qwen3-30B TP8 (40 MB): xla 0.63 [0.134] vs triton 0.69 [0.142] donated.
+        return large
+    if donate and w13_in_one_pass(spec):  # in place, w13 in one pass (2I <= 1024):
+        # DeepSeek-V3 TP8 (756 MB) donated: triton 4.17 [0.571] vs xla 4.85 [0.852];
+        # tiny (8, 256, 128; 1.3 MiB): xla 3.15 [0.055] vs triton 4.00 [0.141].
+        return large
+    # Qwen3-30B-A3B (2I = 1536: w13 through scratch): donated [0.377] xla vs [0.394] triton,
+    # not donated [0.202] vs [0.274]; DeepSeek-V3 TP8 not donated [0.449] vs [0.484].
+    return False
+
+
 def resolve_backend(backend: str, arrays, *, inverse: bool = False,
-                    auto_triton: bool = True) -> str:
+                    auto_triton: bool = True, options: Options | None = None) -> str:
     """The backend that will run (``"xla"``, ``"triton"`` or ``"flashinfer"``).
 
     Checks the name, and for ``"triton"`` / ``"flashinfer"`` that their packages
     import and the arrays live on a CUDA device (Triton: or on CPU under
     ``TRITON_INTERPRET=1``), before anything is donated. The inverse has no
     kernel: ``unprepare`` always runs on XLA. ``auto_triton``: whether ``"auto"``
-    takes Triton for this layer where it can run.
+    takes Triton for this layer where it can run (``auto_takes_triton``).
 
     Raises
     ------
@@ -85,27 +108,29 @@ def resolve_backend(backend: str, arrays, *, inverse: bool = False,
     ImportError
         A kernel backend without its packages installed (says what to install).
     """
+    options = options or current()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if inverse or backend == "xla":
         return "xla"
     if backend == "auto":
-        if AUTO_PICKS_TRITON and auto_triton and _on_cuda(arrays) and _triton.missing() is None:
+        if (options.auto_picks_triton and auto_triton and _on_cuda(arrays)
+                and triton.missing() is None):
             return "triton"
-        if AUTO_PICKS_FLASHINFER and _on_cuda(arrays) and flashinfer_missing() is None:
+        if options.auto_picks_flashinfer and _on_cuda(arrays) and flashinfer.missing() is None:
             return "flashinfer"
         return "xla"
     if backend == "triton":
-        missing = _triton.missing()
+        missing = triton.missing()
         if missing:
             raise ImportError(f'backend="triton": {missing}; or use backend="xla"')
-        if not (_on_cuda(arrays) or (_on_cpu(arrays) and _triton.interpreting())):
+        if not (_on_cuda(arrays) or (_on_cpu(arrays) and triton.interpreting())):
             raise ValueError(
                 f'backend="triton" needs the arrays on a CUDA GPU; they are on {_where(arrays)}. '
                 'Use backend="xla" (any platform) or jax.device_put them to a CUDA device first'
             )
         return "triton"
-    missing = flashinfer_missing()
+    missing = flashinfer.missing()
     if missing:
         raise ImportError(f'backend="flashinfer": {missing}; or use backend="xla"')
     if not _on_cuda(arrays):
@@ -115,58 +140,30 @@ def resolve_backend(backend: str, arrays, *, inverse: bool = False,
             "or jax.device_put them to a CUDA device first"
         )
     for d in _devices(arrays):
-        _warm_up(d)
+        flashinfer.warm_up(d)
     return "flashinfer"
 
 
-@functools.lru_cache(maxsize=None)
-def _warm_up(device) -> None:
-    """Load (JIT-compile on first use, ~40 s) flashinfer's module outside any jit, and
-    register its FFI targets when jax-tvm-ffi is there."""
-    if _via_ffi():
-        from ..kernels import _interleave
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What runs one (per-device) layer: the resolved ``backend``, whether the weights'
+    rows use the Pallas kernels, and for Triton how its kernels are launched (``via``)."""
 
-        _interleave.ensure(device.platform, device)
-        return
-    import jax.numpy as jnp
-
-    import torch_bridge
-
-    tiny = jax.device_put(jnp.arange(512, dtype=jnp.uint8).reshape(1, 128, 4), device)
-    jax.block_until_ready(torch_bridge.block_scale_interleave(tiny))
+    backend: str
+    pallas: bool
+    via: str | None = None
 
 
-def _via_ffi() -> bool:
-    """Whether the flashinfer backend calls its kernel as an XLA FFI target (jax-tvm-ffi)
-    rather than from a ``buffer_callback`` through torch (the fallback). Measured on an
-    H200 (benchmarks/tvm_ffi_route.py): same bytes, lower fixed cost per call."""
-    from torch_bridge import _bridge
-
-    from ..kernels import _ffi
-
-    # A stand-in for torch_bridge's kernel (the CPU plumbing tests) keeps its route.
-    return _bridge._kernel is None and _ffi.missing() is None
-
-
-def scale_writer(backend: str, rows):
-    """``(fn, write)`` for a scale array: ``rows`` (XLA) then the backend's swizzle.
-
-    ``fn(x)`` returns the result as a new array; ``write(buf, start, block)``
-    writes the result of ``block`` into ``buf`` from expert ``start`` on (``start``
-    a Python int) and returns the updated ``buf``: in place when ``buf`` is donated.
-    The kernel is an XLA FFI call when jax-tvm-ffi is installed (``_via_ffi``),
-    else a ``buffer_callback`` through torch_bridge.
-    """
-    assert backend == "flashinfer", backend
-    if _via_ffi():
-        from ..kernels._interleave import block_scale_interleave
-    else:
-        from torch_bridge import block_scale_interleave
-
-    def fn(x):
-        return block_scale_interleave(rows(x)).reshape(x.shape)
-
-    def write(buf, start, block):
-        return block_scale_interleave(rows(block), out=buf, start=start)
-
-    return fn, write
+def choose(backend: str, arrays, spec: LayerSpec, *, donate: bool, inverse: bool,
+           options: Options) -> Choice:
+    """The decision for one layer's call (``spec``: per device): :func:`use_pallas`, then
+    ``auto``'s rule (:func:`auto_takes_triton`; without Pallas, XLA moves the weights a
+    byte per thread and Triton wins everywhere), then :func:`resolve_backend`'s checks
+    (``"flashinfer"`` may compile its module, ~40 s, on first use)."""
+    on_pallas = use_pallas(arrays, options)
+    resolved = resolve_backend(
+        backend, arrays, inverse=inverse, options=options,
+        auto_triton=auto_takes_triton(spec, donate=donate, inverse=inverse, pallas=on_pallas,
+                                      options=options))
+    via = triton.route(options) if resolved == "triton" and not inverse else None
+    return Choice(resolved, on_pallas, via)

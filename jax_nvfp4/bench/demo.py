@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..layout import reference as _reference
-from ..transform import free_bytes, plan_job, prepare_layer, run_job
+from ..layer import prepare_layer
+from ..transform import free_bytes, plan_job, run_job
 from ..layout.spec import SCALE_DTYPE, LayerSpec, check_arrays
 from ..testing import random_device_layer
 

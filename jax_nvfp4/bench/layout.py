@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..backends import select as _backends
-from .. import transform as _prepare
+from .. import layer as _layer, options as _options, transform as _prepare
+from ..backends import flashinfer as _flashinfer
 from ..layout import reference as _reference
 from ..backends.triton import program as _triton
 from ..errors import UserError
@@ -153,7 +153,7 @@ def copy_bandwidth(device, nbytes: int, repeats: int) -> float:
     """
     x = jax.device_put(jax.random.bits(jax.random.key(1), (nbytes // 4,), jnp.uint32), device)
     best = 2 * x.nbytes / statistics.median(time_jax(_invert, lambda: (x,), repeats, warmup=2))
-    if device.platform == "gpu" and _backends.flashinfer_missing() is None:
+    if device.platform == "gpu" and _flashinfer.missing() is None:
         import torch
 
         import torch_bridge
@@ -316,7 +316,7 @@ def _variants(device):
         out.append(("triton", "triton", route))
         if route == "xla":  # the buffer_callback route beside it: the fixed cost it saves
             out.append(("triton via buffer_callback", "triton", "callback"))
-    if device.platform == "gpu" and _backends.flashinfer_missing() is None:
+    if device.platform == "gpu" and _flashinfer.missing() is None:
         out.append(("flashinfer", "flashinfer", None))
     return out
 
@@ -326,10 +326,8 @@ def _jax_rows(spec, layer, ref, repeats, device, label, skip=()):
     for name, backend, route in _variants(device):
         if backend in skip:
             continue
-        saved = _triton.ROUTE
-        if route is not None:
-            _triton.ROUTE = route
-        try:
+        changes = {} if route is None else {"triton_route": route}
+        with _options.override(**changes):
             for donate in (True, False):
                 try:
                     rows.append(_jax_row(spec, layer, ref, repeats, device, name, backend,
@@ -338,8 +336,6 @@ def _jax_rows(spec, layer, ref, repeats, device, label, skip=()):
                     print(f"FAILED: {label} jax_nvfp4 {name} donate={donate}: "
                           f"{type(e).__name__}: {str(e)[:2000]}", flush=True)
                     FAILURES.append(f"{label} {name} donate={donate}: {type(e).__name__}")
-        finally:
-            _triton.ROUTE = saved
     return rows
 
 
@@ -351,7 +347,7 @@ def _jax_row(spec, layer, ref, repeats, device, name, backend, donate):
         return [_copy(x) for x in layer] if donate else list(layer)
 
     def call(*xs):
-        return _prepare.prepare_layer(*xs, gated=spec.gated, backend=backend, donate=donate)
+        return _layer.prepare_layer(*xs, gated=spec.gated, backend=backend, donate=donate)
 
     out = call(*make())
     ref.check(out, f"jax_nvfp4 {name} donate={donate}")
@@ -499,7 +495,7 @@ def _swizzle_rows(spec, layer, ref, repeats, device):
     if not bool(jnp.array_equal(xla(s13).reshape(want.shape), want)):
         raise AssertionError("xla swizzle differs from the reference")
     rows.append(("swizzle only: xla", _median_ms(time_jax(xla, lambda: (s13,), repeats)), 0))
-    if device.platform == "gpu" and _backends.flashinfer_missing() is None:
+    if device.platform == "gpu" and _flashinfer.missing() is None:
         import flashinfer
         import torch
 
@@ -594,7 +590,7 @@ def whole_model(name: str, shape, layers: int, device, bw: float) -> dict:
             if impl == "prepare(params)":
                 out = _tree.prepare(params, gated=gated)
             else:
-                out = {key: dict(zip(names, _prepare.prepare_layer(
+                out = {key: dict(zip(names, _layer.prepare_layer(
                     *(v[n] for n in names), gated=gated))) for key, v in params.items()}
             out = jax.block_until_ready(out)
             seconds = time.perf_counter() - t0
@@ -650,7 +646,7 @@ def run(args) -> int:
             with open(path, "w") as f:
                 json.dump(result, f, indent=1)
 
-    have_torch = args.torch and _backends.flashinfer_missing() is None
+    have_torch = args.torch and _flashinfer.missing() is None
     for k, (name, (e, h, i, gated)) in enumerate(shapes):
         spec = LayerSpec(e, h, i, gated)
         layer = random_device_layer(jax.random.key(1000 + k), spec.experts, spec.hidden,

@@ -27,7 +27,7 @@ import numpy as np
 from ..tree import marks as _marks
 from .read import SCALE_NAMES, Checkpoint, CheckpointError, MoELayer, open_checkpoint
 from ..numerics.scales import KERNEL_NAMES
-from ..transform import prepare_layer
+from ..layer import prepare_layer
 from ..layout.spec import NAMES, SCALE_DTYPE
 from ..tree.prepare import PreparedLayer
 

@@ -17,7 +17,8 @@ from jax import lax
 import numpy as np
 
 from ..tree import marks as _marks, sharding as _sharding
-from ..transform import _transforms
+from .. import options as _options
+from ..backends import xla
 from ..layout.spec import BLOCK, NAMES, SCALE_DTYPE, LayerSpec, check_arrays
 
 LAYOUTS = ("linear", "trtllm")
@@ -49,12 +50,13 @@ def _dequantize(weight, scale):
 
 
 @functools.lru_cache(maxsize=64)
-def _program(spec: LayerSpec, layout: str):
+def _program(spec: LayerSpec, layout: str, fuse_scales: bool):
     # Linear: the identity; TRT-LLM: the inverse transforms of unprepare_layer.
     # Scales become float32 before their swizzle is undone: the permutation
     # does not care about the dtype, and float32 sidesteps float8 data movement
     # (computed in float16 by XLA's CPU backend).
-    undo = ([fn for fn, _ in _transforms(spec, True, "xla")] if layout == "trtllm"
+    undo = ([fn for fn, _ in xla.transforms(spec, inverse=True, fuse_scales=fuse_scales)]
+            if layout == "trtllm"
             else (lambda x: x,) * 4)
 
     def program(w13, s13, w2, s2):
@@ -137,20 +139,22 @@ def dequantize_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *
                     f"{name} is in the TRT-LLM layout (it came out of prepare); read it "
                     "with layout='trtllm'"
                 )
+    fuse = _options.current().fuse_scales  # the inverse's steps: part of the cache keys
     if any(isinstance(x, jax.core.Tracer) for x in arrays):
-        return _program(spec, layout)(*arrays)
+        return _program(spec, layout, fuse)(*arrays)
     plan = _sharding.plan(arrays, gated=gated, prepared=layout == "trtllm")
     if plan is None:
-        return _program(spec, layout)(*arrays)
-    return _sharded_program(plan, layout)(*arrays)
+        return _program(spec, layout, fuse)(*arrays)
+    return _sharded_program(plan, layout, fuse)(*arrays)
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_program(plan, layout: str):
+def _sharded_program(plan, layout: str, fuse_scales: bool):
     # Each device dequantizes its own block as its own layer (expert and, for tensor
     # parallelism, intermediate splits), as prepare does: no communication, and the
     # float outputs are split like the weights they come from.
     specs = tuple(s.spec for s in plan.shardings)
-    mapped = _sharding.shard_map(_program(plan.local, layout), plan.mesh, in_specs=specs,
+    mapped = _sharding.shard_map(_program(plan.local, layout, fuse_scales), plan.mesh,
+                                 in_specs=specs,
                                  out_specs=(specs[0], specs[2]))
     return jax.jit(mapped, out_shardings=(plan.shardings[0], plan.shardings[2]))

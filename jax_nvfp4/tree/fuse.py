@@ -49,7 +49,7 @@ def check_order(w13_order, gated) -> str:
 def chunked(x, fn, chunk: int):
     """``fn`` (shape-keeping) applied to ``x`` chunk by chunk of ``chunk`` experts along
     axis 0, each chunk written back into ``x``: in place under donation, one chunk of scratch
-    (the pattern of ``_prepare._chunked``)."""
+    (the pattern of ``transform._chunked``)."""
     def step(start, size, buf):
         block = lax.dynamic_slice_in_dim(buf, start, size, axis=0)
         return lax.dynamic_update_slice_in_dim(buf, fn(block), start, axis=0)
@@ -120,8 +120,8 @@ def _delete(arrays):
 
 
 def run_ordered(job, w13_order: str, runner):
-    """Run a planned ``prepare_layer``/``unprepare_layer`` job (``_prepare.Job``) whose
-    w13 is in ``w13_order``: ``runner`` (``_prepare.run_job``) does the layout.
+    """Run a planned ``prepare_layer``/``unprepare_layer`` job (``transform.Job``) whose
+    w13 is in ``w13_order``: ``runner`` (``transform.run_job``) does the layout.
 
     Prepare: w13 and its scales are swapped to ``[up; gate]`` first (in place when the job
     donates; else into temporary copies, deleted after). Unprepare: the checkpoint-layout

@@ -30,24 +30,28 @@ import weakref
 
 import numpy as np
 
+from ..options import current
+
 _PREPARED: dict[int, weakref.ref] = {}
 
 SAMPLES = 64  # bytes per fingerprint
 MAX_FINGERPRINTS = 4096
-# Whether inputs are checked against the fingerprints: True, False, or None (the
-# default) for arrays on the CPU (and numpy arrays) only. On a GPU the check waits for
-# the input and for the previous prepare's samples: about 3 ms a call on an H200
-# (benchmarks/NOTES.md), more than a small layer's whole preparation, and it serialises
-# a model's layers; there copies are caught by the marker leaf of prepare's trees.
-CHECK_COPIES: bool | None = None
+# Whether inputs are checked against the fingerprints: the option ``check_copies`` (True,
+# False, or None for arrays on the CPU and numpy arrays only; see jax_nvfp4.options).
+_OPTION = object()  # "check": the option in force
 # key -> {sample bytes: None}, oldest first; pending: samples still on the device.
 _FINGERPRINTS: collections.OrderedDict = collections.OrderedDict()
 _PENDING: dict = {}
 _COUNT = [0]
 
 
-def mark(*arrays) -> None:
-    """Remember ``arrays`` as prepared (and fingerprint them: see the module docstring)."""
+def _check(check):
+    return current().check_copies if check is _OPTION else check
+
+
+def mark(*arrays, check=_OPTION) -> None:
+    """Remember ``arrays`` as prepared (and fingerprint them: see the module docstring;
+    ``check``: ``check_copies``, default the option in force)."""
     for x in arrays:
         key = id(x)
         try:
@@ -55,7 +59,7 @@ def mark(*arrays) -> None:
         except TypeError:  # numpy or other non-weakrefable arrays cannot be marked
             pass
     try:
-        _remember(arrays)
+        _remember(arrays, _check(check))
     except Exception:  # noqa: BLE001 - fingerprints are best effort, never a failure
         pass
 
@@ -66,7 +70,7 @@ def is_marked(x) -> bool:
     return ref is not None and ref() is x
 
 
-def _local(x):
+def _local(x, check):
     """``(key, data)``: the block of ``x`` that is sampled (its first addressable shard when
     sharded over several devices) and the fingerprint's key; None for other objects."""
     import jax
@@ -77,8 +81,8 @@ def _local(x):
     if isinstance(x, jax.Array):
         if isinstance(x, jax.core.Tracer) or x.is_deleted():
             return None
-        if CHECK_COPIES is None and any(d.platform != "cpu" for d in x.sharding.device_set):
-            return None  # not fingerprinted on accelerators by default (see CHECK_COPIES)
+        if check is None and any(d.platform != "cpu" for d in x.sharding.device_set):
+            return None  # not fingerprinted on accelerators by default (see check_copies)
         if len(x.sharding.device_set) > 1:
             shard = x.addressable_shards[0]
             index = tuple((s.start, s.stop) for s in shard.index)
@@ -128,8 +132,8 @@ def _samples(datas):
     return out
 
 
-def _remember(arrays) -> None:
-    local = [_local(x) for x in arrays]
+def _remember(arrays, check) -> None:
+    local = [_local(x, check) for x in arrays]
     local = [kd for kd in local if kd is not None]
     if not local:
         return
@@ -155,18 +159,20 @@ def _settle(key) -> None:
         _FINGERPRINTS.popitem(last=False)
 
 
-def copies(arrays) -> list[bool]:
-    """For each array, whether its bytes match a prepared array's fingerprint (a copy).
+def copies(arrays, check=_OPTION) -> list[bool]:
+    """For each array, whether its bytes match a prepared array's fingerprint (a copy);
+    ``check``: ``check_copies`` (default: the option in force; False: never a copy).
 
     Costs nothing for arrays whose shape, dtype and shard no prepared array had; else one
     gather of ``SAMPLES`` bytes per array and a wait for them. Marked arrays themselves
     are :func:`is_marked`; this is for the other objects.
     """
     out = [False] * len(arrays)
-    if CHECK_COPIES is False:
+    check = _check(check)
+    if check is False:
         return out
     try:
-        local = [_local(x) for x in arrays]
+        local = [_local(x, check) for x in arrays]
         todo = [k for k, kd in enumerate(local)
                 if kd is not None and (kd[0] in _PENDING or kd[0] in _FINGERPRINTS)]
         if not todo:

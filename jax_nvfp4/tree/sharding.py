@@ -2,7 +2,7 @@
 
 The layout is per expert, so a layer whose expert axis (axis 0) is split over a
 mesh needs no communication: ``shard_map`` runs the same per-layer program
-(:func:`jax_nvfp4._prepare.layer_program`, built for the *local* sizes) on each
+(:func:`jax_nvfp4.transform.layer_program`, built for the *local* sizes) on each
 device's block, and ``jit`` donation keeps it in that device's buffer. Outputs
 get the inputs' shardings. Only addressable shards are touched, so the same
 call works in every process of a multi-host ``jax.distributed`` job.

@@ -25,7 +25,6 @@ paying a launch and a tail.
 
 from __future__ import annotations
 
-import __future__
 import contextlib
 import linecache
 import threading

@@ -26,7 +26,9 @@ import os
 import jax
 import jax.numpy as jnp
 
+from ...layout import steps
 from ...layout.spec import LayerSpec
+from ...options import Options, check_route, current
 from .tiles import scratch_bytes, w13_in_one_pass
 
 INSTALL_HINT = 'pip install "jax-nvfp4[triton]" (a CUDA build of torch, which brings triton)'
@@ -40,21 +42,15 @@ def missing() -> str | None:
     return None
 
 
-# How the kernels are launched on CUDA: "auto" (through XLA where jax-triton imports, else
-# from a buffer_callback), "xla" or "callback"; JAX_NVFP4_TRITON_ROUTE sets it at import.
-# Measured on an H200 (benchmarks/NOTES.md): the same kernels, the XLA route without the
-# callback's fixed host cost.
-ROUTE = os.environ.get("JAX_NVFP4_TRITON_ROUTE", "auto")
-
-
-def route() -> str:
-    """``"xla"`` (jax-triton's custom call) or ``"callback"`` (``buffer_callback``)."""
-    if ROUTE not in ("auto", "xla", "callback"):
-        raise ValueError(f'jax_nvfp4._triton.ROUTE must be "auto", "xla" or "callback", '
-                         f"got {ROUTE!r}")
-    if ROUTE == "auto":
+def route(options: Options | None = None) -> str:
+    """``"xla"`` (jax-triton's custom call) or ``"callback"`` (``buffer_callback``): the
+    knob ``triton_route`` (``"auto"``: through XLA where jax-triton imports, else from a
+    buffer_callback). Measured on an H200 (benchmarks/NOTES.md): the same kernels, the XLA
+    route without the callback's fixed host cost."""
+    chosen = check_route((options or current()).triton_route)
+    if chosen == "auto":
         return "xla" if not interpreting() and jax_triton_missing() is None else "callback"
-    return ROUTE
+    return chosen
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,15 +111,16 @@ def _pointer(buffer) -> int:
     return data + ctypes.c_uint64.from_address(tensor + 40).value
 
 
-def layer_program(spec: LayerSpec, *, chunks, pad, via: str = "callback"):
-    """The pure function of the four (padded by ``pad``) arrays that prepares one layer.
+def layer_program(spec: LayerSpec, *, chunks, via: str = "callback"):
+    """The pure function of the four arrays that prepares one layer (padded first, in XLA,
+    where ``spec`` needs it).
 
     ``chunks=None``: out of place, one pass per array. Otherwise in place: outputs
     aliased to the inputs (reused when donated), with one chunk of scratch.
     ``via``: ``"xla"`` (jax-triton's custom call, CUDA only) or ``"callback"``.
     """
     if via == "xla":
-        return _xla_program(spec, chunks=chunks, pad=pad)
+        return _xla_program(spec, chunks=chunks)
     import torch
     from jax.experimental.buffer_callback import buffer_callback
 
@@ -148,7 +145,7 @@ def layer_program(spec: LayerSpec, *, chunks, pad, via: str = "callback"):
             k.run(launches, tensors=tensors)
 
     def program(*arrays):
-        arrays = [p(x) for p, x in zip(pad, arrays)]
+        arrays = [p(x) for p, x in zip(steps.pads(spec), arrays)]
         shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
         if extra:
             shapes.append(jax.ShapeDtypeStruct((extra,), jnp.uint8))
@@ -168,7 +165,7 @@ def _plan(spec: LayerSpec, chunks):
         chunk=None if chunks is None else chunks[1] if one_pass else chunks[0]))
 
 
-def _xla_program(spec: LayerSpec, *, chunks, pad):
+def _xla_program(spec: LayerSpec, *, chunks):
     """:func:`layer_program` with each launch an XLA custom call (jax-triton): XLA launches
     the compiled kernels in its own executable, so a call costs no Python callback.
 
@@ -192,7 +189,7 @@ def _xla_program(spec: LayerSpec, *, chunks, pad):
         return list(out)
 
     def program(*arrays):
-        arrays = [p(x) for p, x in zip(pad, arrays)]
+        arrays = [p(x) for p, x in zip(steps.pads(spec), arrays)]
         shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
         if not in_place:  # one launch: buffers 0-3 the sources, 4-7 the results
             (launch,) = launches
