@@ -56,33 +56,31 @@ def random_block_scales(rng: np.random.Generator, shape) -> np.ndarray:
 #   layer: the decoder layer's prefix; moe: the MoE module under it (its experts are
 #   "{layer}.{moe}.experts"; "" when the experts sit on the layer, as Gemma-4's);
 #   naming: the expert naming (jax_nvfp4._checkpoint.NAMINGS); router: the router weight.
+def _family(naming: str, model_type: str, arch: str, *, moe: str = "mlp",
+            layer: str = "model.layers.{L}", router: str | None = None) -> dict:
+    return dict(layer=layer, moe=moe, naming=naming, router=router or f"{moe}.gate.weight",
+                model_type=model_type, arch=arch)
+
+
 FAMILIES = {
-    "qwen3": dict(layer="model.layers.{L}", moe="mlp", naming="qwen3", router="mlp.gate.weight",
-                  model_type="qwen3_moe", arch="Qwen3MoeForCausalLM"),
-    "mixtral": dict(layer="model.layers.{L}", moe="block_sparse_moe", naming="mixtral",
-                    router="block_sparse_moe.gate.weight", model_type="mixtral",
-                    arch="MixtralForCausalLM"),
+    "qwen3": _family("qwen3", "qwen3_moe", "Qwen3MoeForCausalLM"),
+    "mixtral": _family("mixtral", "mixtral", "MixtralForCausalLM", moe="block_sparse_moe"),
     # MiniMax-M2: Mixtral's names (w1 gate, w3 up, w2 down), float32 router and routing bias
-    "minimax_m2": dict(layer="model.layers.{L}", moe="block_sparse_moe", naming="mixtral",
-                       router="block_sparse_moe.gate.weight", model_type="minimax_m2",
-                       arch="MiniMaxM2ForCausalLM"),
+    "minimax_m2": _family("mixtral", "minimax_m2", "MiniMaxM2ForCausalLM",
+                          moe="block_sparse_moe"),
     # Nemotron-3-Nano (NemotronHForCausalLM): "backbone.", the MoE is the layer's "mixer",
     # non-gated ReLU^2 experts with up_proj and down_proj only
-    "nemotron_h": dict(layer="backbone.layers.{L}", moe="mixer", naming="nemotron_h",
-                       router="mixer.gate.weight", model_type="nemotron_h",
-                       arch="NemotronHForCausalLM"),
+    "nemotron_h": _family("nemotron_h", "nemotron_h", "NemotronHForCausalLM",
+                          layer="backbone.layers.{L}", moe="mixer"),
     # Gemma-4 MoE (Gemma4ForConditionalGeneration): the experts and the router sit on the
     # decoder layer, next to a dense mlp; sizes in config.json's text_config
-    "gemma4": dict(layer="model.language_model.layers.{L}", moe="", naming="qwen3",
-                   router="router.proj.weight", model_type="gemma4",
-                   arch="Gemma4ForConditionalGeneration"),
+    "gemma4": _family("qwen3", "gemma4", "Gemma4ForConditionalGeneration",
+                      layer="model.language_model.layers.{L}", moe="",
+                      router="router.proj.weight"),
     # fused gate/up, rows [gate; up]: per expert (experts.{e}.gate_up_proj) or stacked
     # (experts.gate_up_proj [E, 2I, H/2], as vLLM's fused-expert loader takes it)
-    "gate_up": dict(layer="model.layers.{L}", moe="mlp", naming="gate_up",
-                    router="mlp.gate.weight", model_type="qwen3_moe", arch="Qwen3MoeForCausalLM"),
-    "gate_up_stacked": dict(layer="model.layers.{L}", moe="mlp", naming="gate_up_stacked",
-                            router="mlp.gate.weight", model_type="qwen3_moe",
-                            arch="Qwen3MoeForCausalLM"),
+    "gate_up": _family("gate_up", "qwen3_moe", "Qwen3MoeForCausalLM"),
+    "gate_up_stacked": _family("gate_up_stacked", "qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 
 
