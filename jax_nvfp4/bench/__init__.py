@@ -1,0 +1,1 @@
+"""The CLI's measuring commands: bench (the layout), bench-io (checkpoint I/O), demo."""

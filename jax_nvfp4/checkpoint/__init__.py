@@ -1,0 +1,1 @@
+"""ModelOpt NVFP4 safetensors checkpoints: read, load, convert, inspect (and convert's lock)."""

@@ -1,0 +1,1 @@
+"""backend="triton": the whole layer as Triton kernels (program, tiles, kernels)."""
