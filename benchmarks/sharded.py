@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 import jax_nvfp4  # noqa: E402
 from jax_nvfp4 import transform as _prepare  # noqa: E402
+from jax_nvfp4.backends import select  # noqa: E402
 from jax_nvfp4.layout import reference as _reference  # noqa: E402
 from jax_nvfp4.layout.spec import NAMES, SCALE_DTYPE, LayerSpec  # noqa: E402
 
@@ -170,7 +171,7 @@ def _check(spec: LayerSpec, devices, args, seed, layer):
     """The layer sharded over ``devices`` vs the same layer on one device, and vs numpy."""
     kw = dict(backend=args.backend, chunk_bytes=args.chunk_bytes)
     shardings = [x.sharding for x in layer]
-    backend = _prepare.resolve_backend(args.backend, layer)
+    backend = select.resolve_backend(args.backend, layer)
     out = jax_nvfp4.prepare_layer(*layer, **kw)
     src = _gen(spec, seed, SingleDeviceSharding(devices[0]))
     # One expert of every shard (its first) goes to the independent numpy reference.

@@ -30,6 +30,7 @@ import time
 
 import jax
 
+import jax_nvfp4
 from jax_nvfp4 import transform as _prepare
 from jax_nvfp4.backends.triton import kernels as K
 from jax_nvfp4.backends.triton import program as _triton
@@ -127,12 +128,10 @@ def profile(name, repeats):
         run(*a, **kw)
         host.append(time.perf_counter() - t)
 
-    saved = _triton.ROUTE
     try:
         K.run = timed_run
-        for route in _routes():
-            _triton.ROUTE = route
-            for donate in (True, False):
+        for route, donate in ((r, d) for r in _routes() for d in (True, False)):
+            with jax_nvfp4.options.override(triton_route=route):
                 tag = f"{route}_{'donated' if donate else 'not_donated'}"
                 job = _prepare.plan_job(layer, gated=gated, donate=donate, backend="triton",
                                         chunk_bytes=None, inverse=False)
@@ -147,14 +146,14 @@ def profile(name, repeats):
                 res[f"host_in_callback_{tag}_ms"] = (1e3 * statistics.median(host)
                                                      if host else None)
                 res[f"prepare_layer_{tag}_ms"] = _wall_ms(
-                    lambda *xs, d=donate: _prepare.prepare_layer(*xs, backend="triton",
-                                                                 donate=d), make, repeats)
+                    lambda *xs, d=donate: jax_nvfp4.prepare_layer(*xs, backend="triton",
+                                                                  donate=d), make, repeats)
     finally:
-        K.run, _triton.ROUTE = run, saved
+        K.run = run
     res["launch_mode"] = str(K._ARGS_MODE)
     for mib in CHUNK_MIB:
         def call(*xs, mib=mib):
-            return _prepare.prepare_layer(*xs, backend="triton", chunk_bytes=mib << 20)
+            return jax_nvfp4.prepare_layer(*xs, backend="triton", chunk_bytes=mib << 20)
         ref.check(call(*fresh()), f"chunk {mib} MiB")
         res[f"donated_chunk_{mib}MiB_ms"] = _wall_ms(call, fresh, repeats)
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in layer]

@@ -173,7 +173,7 @@ def swizzle_rows(repeats, log):
 def layer_rows(repeats, log):
     import jax_nvfp4
     from jax_nvfp4 import transform as _prepare
-    from jax_nvfp4.backends import select as _backends
+    from jax_nvfp4.backends import flashinfer as _flashinfer
     from jax_nvfp4.kernels import _ffi
     from jax_nvfp4.layout import reference as _reference
 
@@ -200,7 +200,7 @@ def layer_rows(repeats, log):
                                        ("xla", None)):
                     if backend == "xla" and route != "ffi":
                         continue
-                    if backend == "flashinfer" and _backends._via_ffi() != (route == "ffi"):
+                    if backend == "flashinfer" and _flashinfer._via_ffi() != (route == "ffi"):
                         raise AssertionError(f"route {route} not taken")
                     out = jax_nvfp4.prepare_layer(*make(), backend=backend, donate=True,
                                                   chunk_bytes=chunk)
@@ -221,11 +221,11 @@ def layer_rows(repeats, log):
 
 def missing() -> str | None:
     """Why this script cannot run here (None when it can)."""
-    from jax_nvfp4.backends import select as _backends
+    from jax_nvfp4.backends import flashinfer as _flashinfer
     from jax_nvfp4.kernels import _ffi
     if jax.devices()[0].platform != "gpu":
         return f"needs a CUDA GPU; JAX's default device is {jax.devices()[0].platform}"
-    return _backends.flashinfer_missing() or _ffi.missing()
+    return _flashinfer.missing() or _ffi.missing()
 
 
 def main(argv=None) -> int:

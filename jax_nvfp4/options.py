@@ -1,6 +1,6 @@
 """The knobs of prepare: one frozen options object, read once per call.
 
-Each knob was measured (benchmarks/NOTES.md); the defaults are what those measurements
+Each knob was measured (benchmarks/DESIGN-RECORD.md); the defaults are what those measurements
 chose. The object is part of the compile-cache key of ``transform``, so a changed knob
 builds its own program and never reuses one compiled under other options. Change knobs
 for a block of code (tests, benchmarks) with :func:`override`; the change is local to
@@ -33,12 +33,12 @@ class Options:
         device's free memory.
     unroll : bool
         How the in-place loop runs: unrolled (static offsets, one straight-line program)
-        or a ``lax.fori_loop`` (one body, dynamic offsets). benchmarks/NOTES.md.
+        or a ``lax.fori_loop`` (one body, dynamic offsets). benchmarks/DESIGN-RECORD.md.
     fuse_scales : bool
         Scales: row permutation and swizzle fused into one transpose, or two passes.
     pallas : bool
         Weights on CUDA: row permutations as Pallas kernels (16-byte accesses) rather than
-        XLA transposes (one byte per thread). benchmarks/NOTES.md.
+        XLA transposes (one byte per thread). benchmarks/DESIGN-RECORD.md.
     triton_min_bytes : int
         Layers from which the Triton kernels' lower device time pays for the
         buffer_callback's fixed cost (``backends.select.auto_takes_triton``).
@@ -46,21 +46,26 @@ class Options:
         How the Triton kernels are launched on CUDA: "auto" (through XLA where jax-triton
         imports, else from a buffer_callback), "xla" or "callback". Default: the
         environment variable ``JAX_NVFP4_TRITON_ROUTE`` at import, else "auto". Measured
-        on an H200 (benchmarks/NOTES.md): the same kernels, the XLA route without the
+        on an H200 (benchmarks/DESIGN-RECORD.md): the same kernels, the XLA route without the
         callback's fixed host cost.
     check_copies : bool or None
         Whether inputs are checked against the fingerprints of prepared arrays: True,
         False, or None (default) for arrays on the CPU (and numpy arrays) only. On a GPU
         the check waits for the input and for the previous prepare's samples: about 3 ms a
-        call on an H200 (benchmarks/NOTES.md), more than a small layer's whole
+        call on an H200 (benchmarks/DESIGN-RECORD.md), more than a small layer's whole
         preparation, and it serialises a model's layers; there copies are caught by the
         marker leaf of prepare's trees.
     auto_picks_triton : bool
         Whether ``backend="auto"`` may pick the Triton kernels on CUDA (when torch and
         triton import); ``auto_takes_triton`` then says whether they win for the layer.
+    host_layout : bool or None
+        Where ``load`` and ``convert`` put a layer into the kernel's layout: None (default)
+        by the rule of ``checkpoint.load.layout_on_host`` (on the host when the layer stays
+        there or goes to CPU devices, else ``prepare_layer`` on its devices), True or False
+        always or never on the host (``bench-io --layout`` measures both).
     auto_picks_flashinfer : bool
         Whether "auto" may pick flashinfer. Measured on an H100 and an H200
-        (benchmarks/NOTES.md): XLA's fused rows + swizzle transpose is faster than the
+        (benchmarks/DESIGN-RECORD.md): XLA's fused rows + swizzle transpose is faster than the
         row permutation followed by flashinfer's kernel (which moves one byte per thread),
         so "auto" stays on XLA. Set from measurements, not from availability.
     """
@@ -77,6 +82,7 @@ class Options:
     check_copies: bool | None = None
     auto_picks_triton: bool = True
     auto_picks_flashinfer: bool = False
+    host_layout: bool | None = None
 
 
 _DEFAULTS = Options()  # JAX_NVFP4_TRITON_ROUTE read here, once, at import

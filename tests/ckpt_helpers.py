@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,11 +11,21 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from jax_nvfp4 import options
 from jax_nvfp4.checkpoint.read import INDEX, NAMINGS
 from jax_nvfp4.testing import FAMILIES, experts_prefix
 
 MOE = {"qwen3": "mlp", "mixtral": "block_sparse_moe"}
 GATED = {n: NAMINGS[FAMILIES[n]["naming"]][0] is not None for n in FAMILIES}
+
+_CURRENT = options.current  # the real one (host_layout patches the module's)
+
+
+def host_layout(monkeypatch, value) -> None:
+    """``options.host_layout`` forced to ``value`` for the rest of the test (or until the
+    next call); undone at teardown. (``options.override`` is for a ``with`` block.)"""
+    monkeypatch.setattr(options, "current",
+                        lambda: dataclasses.replace(_CURRENT(), host_layout=value))
 
 
 def prefix(naming: str, layer: int) -> str:
@@ -95,7 +106,7 @@ KERNEL = ("output1_scale_scalar", "output1_scale_gate_scalar", "output2_scale_sc
 
 def kernel_reference(tensors: dict, naming: str, layer: int, experts: int) -> dict:
     """The kernel's scalars from the checkpoint tensors, in numpy float32 (one rounding per
-    operation, in vLLM's order), gate and up apart; written apart from jax_nvfp4._scales."""
+    operation, in vLLM's order), gate and up apart; written apart from jax_nvfp4.numerics.scales."""
     s = scalars(tensors, naming, layer, experts)
     f32 = np.float32
     a1, a2 = f32(s["w13_input_scale"].max()), f32(s["w2_input_scale"].max())

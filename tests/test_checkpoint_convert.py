@@ -150,16 +150,16 @@ def test_failure_midway_keeps_partial_and_rerun_resumes(tmp_path, rng, monkeypat
         calls.append(1)
         if len(calls) == 2:  # the first layer's shard is already written
             raise error("boom")
-        return _load.load_layer(*args, **kwargs)
+        return _load.host_layer(*args, **kwargs)
 
-    monkeypatch.setattr(_convert, "load_layer", failing)
+    monkeypatch.setattr(_convert, "host_layer", failing)
     with pytest.raises(error):
         _convert.convert(src, dst, progress=False)
     assert len(calls) == 2
     # no DST, no lock; the partial directory is kept, its finished shards recorded
     assert sorted(p.name for p in tmp_path.iterdir()) == [".dst.partial", "ref", "src"]
     assert "run the same command again to resume" in capsys.readouterr().err
-    monkeypatch.setattr(_convert, "load_layer", _load.load_layer)
+    monkeypatch.setattr(_convert, "host_layer", _load.host_layer)
     summary = _convert.convert(src, dst, progress=False, log=print)
     assert summary["reused_shards"] == 2  # the shard of non-layer tensors and layer 0
     assert "reusing model-00001-of-00004.safetensors" in capsys.readouterr().out
@@ -176,7 +176,7 @@ def test_failed_overwrite_leaves_the_old_conversion(tmp_path, rng, monkeypatch):
     def failing(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(_convert, "load_layer", failing)
+    monkeypatch.setattr(_convert, "host_layer", failing)
     with pytest.raises(RuntimeError):
         _convert.convert(src, dst, overwrite=True, progress=False)
     assert _tree(dst) == before

@@ -19,7 +19,7 @@ from jax_nvfp4.checkpoint import convert as _convert, load as _load
 from jax_nvfp4.checkpoint.read import CheckpointError, open_checkpoint
 from jax_nvfp4.layout.spec import NAMES
 from jax_nvfp4.testing import write_checkpoint
-from ckpt_helpers import MOE, cli, prefix, rewrite, stacked
+from ckpt_helpers import host_layout as _host_layout, MOE, cli, prefix, rewrite, stacked
 
 
 def _seed(rng):
@@ -119,10 +119,12 @@ def _compiled_programs(caplog, fn):
     return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
 
 
-def test_no_program_touches_the_layer_before_prepare(tmp_path, rng, caplog):
+def test_no_program_touches_the_layer_before_prepare(tmp_path, rng, caplog, monkeypatch):
     # The old loader compiled a dynamic_update_slice into the whole layer buffer (run once
     # per expert; on CPU XLA converted the whole float8 buffer to f16 and back for each).
-    # Now no program sees a layer-sized array until prepare_layer's own.
+    # Now no program sees a layer-sized array until prepare_layer's own (on the device;
+    # on the host no program at all: test_checkpoint_host_layout.py).
+    _host_layout(monkeypatch, False)
     e, h, i = 7, 384, 80  # shapes no other test compiles
     write_checkpoint(tmp_path, layers=2, experts=e, hidden=h, intermediate=i, seed=_seed(rng))
     sizes = [f"[{e},{2 * i},{h // 2}]", f"[{e},{2 * i},{h // 16}]", f"[{e},{h},{i // 2}]",
@@ -212,15 +214,29 @@ def test_loaded_bytes_are_unchanged(tmp_path, rng):
 
 def test_bench_io_reports_the_ratios(tmp_path):
     out = tmp_path / "r.json"
-    r = cli("bench-io", "--experts", "4", "--layers", "2", "--hidden", "256",
-            "--intermediate", "64", "--repeats", "1", "--tmp", str(tmp_path), "--out", str(out))
+    r = cli("bench-io", "--row", "4,256,64,2", "--row", "8,400,80,1,nemotron_h", "--repeats",
+            "1", "--layout", "both", "--tmp", str(tmp_path), "--json", str(out))
     assert r.returncode == 0, r.stderr
-    for s in ("safetensors read", "safetensors read + write", "x read", "x read+write", "GB/s"):
+    for s in ("st read", "st read+write", "x st read", "x st read+write", "GB/s", "peak RSS",
+              "layout on host", "prepare_layer on device", "not gated"):
         assert s in r.stdout, r.stdout
     res = json.loads(out.read_text())
-    assert res["bytes"] > 0 and res["moe_layers"] == 2
-    assert res["load_over_read"] > 0 and res["convert_over_read_write"] > 0
+    assert [x["name"] for x in res["rows"]] == ["4,256,64,2", "8,400,80,1,nemotron_h"]
+    for row, layers in zip(res["rows"], (2, 1)):
+        assert row["bytes"] > row["layer_bytes"] > 0 and row["moe_layers"] == layers
+        steps = row["steps"]
+        assert set(steps) == {"raw_read", "safetensors_read", "safetensors_read_write",
+                              "load_raw", "load_host", "load_device", "convert_host",
+                              "convert_device"}
+        for step in ("load_host", "load_device"):
+            assert steps[step]["ratio"] == steps[step]["s"] / steps["safetensors_read"]["s"]
+        assert steps["convert_host"]["ratio"] > 0 and steps["load_raw"]["peak_rss_bytes"] >= 0
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # temporaries removed
+
+
+def test_bench_io_row_errors():
+    r = cli("bench-io", "--row", "4,256")
+    assert r.returncode == 2 and "E,H,I,LAYERS" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's warning; no JAX in the child

@@ -1,7 +1,7 @@
 """quantize_nvfp4 against an independent numpy transcription of TensorRT-LLM's cvt_warp_fp16_to_fp4.
 
 The reference below is written from the CUDA source (quantization_utils.cuh), not
-from jax_nvfp4._quant: e4m3 and e2m1 rounding by nearest-value search over the
+from jax_nvfp4.numerics.quant: e4m3 and e2m1 rounding by nearest-value search over the
 formats' tables (ties to the even code), subnormal flushing by the -ftz rule,
 rcp.approx replaced by the correctly rounded reciprocal (what the module emulates).
 """

@@ -1,7 +1,7 @@
 """Row permutations of the weights as Pallas kernels (Triton on CUDA GPUs).
 
 XLA's GPU emitters move uint8 data one byte per thread (about a third of the
-copy bandwidth on an H200, benchmarks/NOTES.md), and a uint8 -> uint32 bitcast
+copy bandwidth on an H200, benchmarks/DESIGN-RECORD.md), and a uint8 -> uint32 bitcast
 in a jitted program is expanded into shifts, not a reinterpretation. The row
 permutations keep whole rows of ``K`` bytes together, so a kernel that copies
 blocks of rows moves 16 bytes per thread: each program copies the ``s`` source

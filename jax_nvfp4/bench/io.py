@@ -1,41 +1,63 @@
 """``python -m jax_nvfp4 bench-io``: load and convert against safetensors' own read of the shards.
 
-On one checkpoint (``PATH``, or a synthetic one of the given shape written to a
-temporary directory), in one run, after one untimed pass that fills the page cache
-and compiles: the time safetensors itself needs to read every tensor of the shards
-(``safe_open(..., framework="numpy").get_tensor``; float8, which numpy lacks,
-through torch's reader, materialized), the same plus writing them back
-(``safetensors.torch.save_file`` and fsync), the raw read of the files (one
-thread, like ``cat``), ``load`` (MoE layers prepared, every
-array ready on device; and with ``prepare=False``) and ``convert`` (written and fsynced). Ratios: load /
-read, convert / (read + write). Each time is the best of ``--repeats``.
+Per checkpoint (``PATH``, or synthetic ones written to a temporary directory: by default
+a suite of rows, two shapes, E scaling at constant bytes and layer scaling), in one
+run, after one untimed pass that fills the page cache and compiles (``--cold``: each
+timed run starts with the shards evicted from it): the time safetensors itself needs
+to read every tensor of the shards (``safe_open(..., framework="numpy").get_tensor``;
+float8, which numpy lacks, through torch's reader, materialized), the same plus
+writing them back (``safetensors.torch.save_file`` and fsync), the raw read of the
+files (one thread, like ``cat``), ``load`` (MoE layers prepared, every array ready on
+device; and with ``prepare=False``) and ``convert`` (written and fsynced), with the
+peak RSS above the start of each, in units of the largest decoder layer's bytes.
+Ratios: load / read, convert / (read + write). Each time is the best of ``--repeats``.
+``--layout both`` times load and convert with the layout made on the host and by
+``prepare_layer`` on the device (``options.host_layout``).
 """
 
 from __future__ import annotations
 
 import json
-import resource
+import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from ..checkpoint.convert import _fsync
 
+# The default suite: (name, E, H, I, layers, naming). Two shapes (Qwen3-30B-A3B-like with
+# fewer experts; Nemotron-3-Nano's non-gated experts, H and I padded); E=256 small
+# experts against E=16 large ones of the same bytes; 1, 2 and 4 layers of one shape.
+SUITE = [("qwen3-30b-a3b/2", 64, 2048, 768, 2, "qwen3"),
+         ("nemotron-3-nano/4", 32, 2688, 1856, 1, "nemotron_h"),
+         ("E=256", 256, 1024, 256, 2, "qwen3"), ("E=16", 16, 4096, 1024, 2, "qwen3"),
+         ("L=1", 32, 2048, 768, 1, "qwen3"), ("L=2", 32, 2048, 768, 2, "qwen3"),
+         ("L=4", 32, 2048, 768, 4, "qwen3")]
+
 
 def configure(p):
     p.add_argument("path", metavar="PATH", nargs="?",
-                   help="checkpoint directory (default: a synthetic one, see the shape options)")
-    p.add_argument("--experts", type=int, default=128, help="synthetic: experts E (128)")
-    p.add_argument("--layers", type=int, default=2, help="synthetic: decoder layers (2)")
-    p.add_argument("--hidden", type=int, default=2048, help="synthetic: hidden size H (2048)")
-    p.add_argument("--intermediate", type=int, default=768,
-                   help="synthetic: intermediate size I (768)")
+                   help="checkpoint directory (default: synthetic ones, see --row)")
+    p.add_argument("--row", action="append", default=[], metavar="E,H,I,LAYERS[,NAMING]",
+                   help="a synthetic checkpoint to measure (repeatable; default: a suite of "
+                        "two shapes, E=256 vs E=16 at equal bytes, 1/2/4 layers); NAMING a "
+                        "family of jax_nvfp4.testing.write_checkpoint (qwen3)")
+    for name, help_ in (("experts", "E"), ("layers", "decoder layers"), ("hidden", "H"),
+                        ("intermediate", "I")):  # one row (defaults E=128, 2, 2048, 768)
+        p.add_argument(f"--{name}", type=int, default=None, help=f"one synthetic row: {help_}")
     p.add_argument("--shards", type=int, default=3, help="synthetic: shard files (3)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each step (2)")
+    p.add_argument("--layout", choices=("auto", "host", "device", "both"), default="auto",
+                   help="where load and convert make the kernel's layout (auto: "
+                        "_load.layout_on_host's rule; both: each timed)")
+    p.add_argument("--cold", action="store_true",
+                   help="evict the shards from the page cache before each timed run")
     p.add_argument("--tmp", default=None, help="where to write temporary checkpoints")
-    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.add_argument("--json", "--out", dest="json", default=None,
+                   help="write the results as JSON to this file")
     p.add_argument("--skip", default="", help="comma-separated steps to skip: load,convert")
 
 
@@ -121,7 +143,7 @@ def _st_read_write(path: Path, out: Path) -> int:
     return n
 
 
-def _load(path: Path, prepare=True):
+def _load_params(path: Path, prepare=True):
     import jax
 
     from ..checkpoint.load import load
@@ -130,95 +152,203 @@ def _load(path: Path, prepare=True):
     return params
 
 
-def _best(fn, repeats: int, before=None) -> tuple[float, list[float]]:
-    times = []
+def _rss() -> int:
+    """This process's resident bytes now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class _PeakRSS:
+    """The peak RSS above the start while the block runs, sampled every millisecond."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        self.above = self.peak - self.start
+
+
+def _evict(path: Path):
+    """The shards' pages dropped from the page cache (clean pages: no privileges needed)."""
+    for f in _shards(path):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _best(fn, repeats: int, before=None) -> tuple[float, list[float], int]:
+    """Best time of ``repeats`` runs of ``fn``, every time, and the largest peak RSS above
+    the start of a run (``before()`` runs first, untimed)."""
+    times, peak = [], 0
     for _ in range(repeats):
         if before is not None:
             before()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times), times
+        with _PeakRSS() as rss:  # (the result, e.g. the loaded params, still held at the end)
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+        del out
+        peak = max(peak, rss.above)
+    return min(times), times, peak
 
 
-def measure(path, *, repeats: int = 2, tmp=None, skip=(), log=print) -> dict:
-    """Times (seconds, best of ``repeats``), bytes and ratios for checkpoint ``path``."""
+# step -> (label, what it is compared with)
+STEPS = {"raw_read": ("raw read (one thread)", None), "safetensors_read": ("st read", None),
+         "safetensors_read_write": ("st read+write", None),
+         "load_raw": ("load(prepare=False)", "safetensors_read"),
+         "load": ("load", "safetensors_read"),
+         "load_host": ("load, layout on host", "safetensors_read"),
+         "load_device": ("load, prepare_layer on device", "safetensors_read"),
+         "convert": ("convert", "safetensors_read_write"),
+         "convert_host": ("convert, layout on host", "safetensors_read_write"),
+         "convert_device": ("convert, prepare_layer on device", "safetensors_read_write")}
+
+
+def measure(path, *, repeats: int = 2, tmp=None, skip=(), layout="auto",
+            cold: bool = False) -> dict:
+    """Times (seconds, best of ``repeats``), GB/s, peak RSS and ratios for checkpoint ``path``.
+
+    Returns ``{"bytes", "layer_bytes", "moe_layers", "shape", "steps": {step: {"s", "runs",
+    "gb_per_s", "peak_rss_bytes", "peak_rss_layers", "ratio"}}}``, steps as :data:`STEPS`
+    (``ratio``: over the step it is compared with).
+    """
+    from .. import options as _options
     from ..checkpoint import convert as _convert
-    from ..checkpoint.read import open_checkpoint
+    from ..checkpoint.read import layer_index, open_checkpoint
 
     path = Path(path)
     with open_checkpoint(path) as ckpt:
         nbytes = sum(ckpt.nbytes(n) for n in ckpt.weight_map)
+        per_layer: dict = {}
+        for n in ckpt.weight_map:
+            if (k := layer_index(n)) is not None:
+                per_layer[k] = per_layer.get(k, 0) + ckpt.nbytes(n)
+        layer_bytes = max(per_layer.values(), default=nbytes)
         shape = [{"prefix": x.prefix, "experts": x.spec.experts, "hidden": x.hidden,
-                  "intermediate": x.intermediate} for x in ckpt.moe]
+                  "intermediate": x.intermediate, "gated": x.gated} for x in ckpt.moe]
     work = Path(tempfile.mkdtemp(prefix="bench-io-", dir=tmp))
-    res = {"path": str(path), "bytes": nbytes, "moe_layers": len(shape),
-           "shape": shape[0] if shape else None, "repeats": repeats}
-    try:
-        def clean():
-            for d in work.iterdir():
-                shutil.rmtree(d)
+    res = {"path": str(path), "bytes": nbytes, "layer_bytes": layer_bytes,
+           "moe_layers": len(shape), "shape": shape[0] if shape else None,
+           "repeats": repeats, "cache": "cold" if cold else "warm", "steps": {}}
+    layouts = {"auto": [("", None)], "host": [("", True)], "device": [("", False)],
+               "both": [("_host", True), ("_device", False)]}[layout]
+    steps = res["steps"]
 
+    def clean():
+        for d in work.iterdir():
+            shutil.rmtree(d)
+        if cold:
+            _evict(path)
+
+    def timed(step, fn, before=clean if cold else None):
+        t, runs, peak = _best(fn, repeats, before)
+        steps[step] = {"s": t, "runs": runs, "gb_per_s": nbytes / t / 1e9,
+                       "peak_rss_bytes": peak, "peak_rss_layers": peak / layer_bytes}
+
+    try:
         # untimed: the page cache filled (every step below reads warm files), programs compiled
         _st_read(path)
-        res["raw_read_s"], res["raw_read_all_s"] = _best(lambda: _raw_read(path), repeats)
-        res["safetensors_read_s"], res["safetensors_read_all_s"] = _best(
-            lambda: _st_read(path), repeats)
-        res["safetensors_read_write_s"], res["safetensors_read_write_all_s"] = _best(
-            lambda: _st_read_write(path, work / "st"), repeats, clean)
-        if "convert" not in skip:
-            clean()
-            _convert.convert(path, work / "warm", progress=False)
-            res["convert_s"], res["convert_all_s"] = _best(
-                lambda: _convert.convert(path, work / "dst", progress=False), repeats, clean)
-        clean()
+        timed("raw_read", lambda: _raw_read(path))
+        timed("safetensors_read", lambda: _st_read(path))
+        timed("safetensors_read_write", lambda: _st_read_write(path, work / "st"), clean)
         if "load" not in skip:
-            params = _load(path)  # compiles prepare_layer for these shapes
-            del params
-            res["load_s"], res["load_all_s"] = _best(lambda: _load(path), repeats)
-            res["load_raw_s"], res["load_raw_all_s"] = _best(
-                lambda: _load(path, prepare=False), repeats)
-        res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            _load_params(path, prepare=False)
+            timed("load_raw", lambda: _load_params(path, prepare=False))
+        for suffix, host in layouts:
+            with _options.override(host_layout=host):
+                if "convert" not in skip:
+                    clean()
+                    _convert.convert(path, work / "warm", progress=False)
+                    timed("convert" + suffix, lambda: _convert.convert(path, work / "dst",
+                                                                       progress=False), clean)
+                clean()
+                if "load" not in skip:
+                    _load_params(path)  # compiles prepare_layer for these shapes
+                    timed("load" + suffix, lambda: _load_params(path))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    r, rw = res["safetensors_read_s"], res["safetensors_read_write_s"]
-    res["load_over_read"] = res["load_s"] / r if "load_s" in res else None
-    res["load_over_raw_read"] = res["load_s"] / res["raw_read_s"] if "load_s" in res else None
-    res["load_raw_over_read"] = res["load_raw_s"] / r if "load_s" in res else None
-    res["convert_over_read_write"] = res["convert_s"] / rw if "convert_s" in res else None
-    gbs = {k: nbytes / res[k] / 1e9 for k in
-           ("raw_read_s", "safetensors_read_s", "safetensors_read_write_s", "load_s", "load_raw_s",
-            "convert_s")
-           if k in res}
-    res["gb_per_s"] = gbs
+    for step, d in steps.items():
+        base = STEPS[step][1]
+        d["ratio"] = d["s"] / steps[base]["s"] if base in steps else None
     return res
 
 
-def report(res: dict) -> str:
-    gb = res["bytes"] / 1e9
-    s = res["shape"]
-    lines = [f"checkpoint {res['path']}: {gb:.3f} GB, {res['moe_layers']} MoE layers"
-             + (f" (E={s['experts']}, H={s['hidden']}, I={s['intermediate']})" if s else "")
-             + f", best of {res['repeats']}"]
-
-    def row(name, key, extra=""):
-        if key in res:
-            lines.append(f"  {name:<28} {res[key]:8.3f} s  {res['gb_per_s'][key]:6.2f} GB/s"
-                         f"  (runs: {', '.join(f'{t:.3f}' for t in res[key[:-2] + '_all_s'])})"
-                         + extra)
-    row("raw read (one thread)", "raw_read_s")
-    row("safetensors read", "safetensors_read_s")
-    row("safetensors read + write", "safetensors_read_write_s")
-    row("load (prepared, on device)", "load_s",
-        f"  = {res['load_over_read']:.2f}x read ({res['load_over_raw_read']:.2f}x raw)"
-        if res.get("load_over_read") else "")
-    row("load (prepare=False)", "load_raw_s",
-        f"  = {res['load_raw_over_read']:.2f}x read" if res.get("load_raw_over_read") else "")
-    row("convert (written, fsynced)", "convert_s",
-        f"  = {res['convert_over_read_write']:.2f}x read+write"
-        if res.get("convert_over_read_write") else "")
-    lines.append(f"  peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB")
+def report(rows: list[tuple[str, dict]]) -> str:
+    """One table: a line per checkpoint and step, then how time scales with E and layers."""
+    lines = []
+    for name, res in rows:
+        s = res["shape"]
+        lines.append(
+            f"{name}: {res['bytes'] / 1e9:.3f} GB, {res['moe_layers']} MoE layers"
+            + (f" (E={s['experts']}, H={s['hidden']}, I={s['intermediate']}"
+               f"{'' if s['gated'] else ', not gated'})" if s else "")
+            + f", largest layer {res['layer_bytes'] / 1e6:.1f} MB, best of {res['repeats']}, "
+            f"{res['cache']} page cache")
+        for step in (k for k in STEPS if k in res["steps"]):
+            d, (label, base) = res["steps"][step], STEPS[step]
+            ratio = (f"{d['ratio']:5.2f}x {STEPS[base][0]}" if d["ratio"] is not None
+                     else "")
+            lines.append(f"  {label:<33} {d['s']:8.3f} s {d['gb_per_s']:6.2f} GB/s  "
+                         f"peak RSS +{d['peak_rss_layers']:5.2f} layers  {ratio}")
+    lines += _scaling(rows)
     return "\n".join(lines)
+
+
+def _scaling(rows) -> list[str]:
+    """E=256 over E=16 (same bytes: 1.0 is flat), seconds per GB for 1, 2, 4 layers."""
+    by = dict(rows)
+    out = []
+    if "E=256" in by and "E=16" in by:
+        a, b = by["E=256"]["steps"], by["E=16"]["steps"]
+        per = by["E=256"]["bytes"] / by["E=16"]["bytes"]  # (attention sized by H differs)
+        out.append("E scaling at equal expert bytes, seconds per GB E=256 / E=16 (1.00: "
+                   "flat): " + ", ".join(f"{STEPS[k][0]} {a[k]['s'] / b[k]['s'] / per:.2f}"
+                                         for k in STEPS if k in a and k in b))
+    layers = [by[k] for k in ("L=1", "L=2", "L=4") if k in by]
+    if len(layers) > 1:
+        out.append("layer scaling, seconds per GB at 1/2/4 layers: " + "; ".join(
+            f"{STEPS[k][0]} " + "/".join(f"{r['steps'][k]['s'] * 1e9 / r['bytes']:.2f}"
+                                         for r in layers)
+            for k in STEPS if all(k in r["steps"] for r in layers)))
+    return out
+
+
+def _rows(args) -> list[tuple]:
+    """The synthetic checkpoints to measure: ``(name, E, H, I, layers, naming)``."""
+    if args.row:
+        out = []
+        for r in args.row:
+            parts = r.split(",")
+            try:
+                e, h, i, layers = (int(x) for x in parts[:4])
+            except ValueError:
+                parts = []
+            if len(parts) not in (4, 5):
+                from ..errors import UserError
+                raise UserError(f"--row {r!r}: expected E,H,I,LAYERS[,NAMING]")
+            out.append((r, e, h, i, layers, parts[4] if len(parts) == 5 else "qwen3"))
+        return out
+    one = (args.experts, args.hidden, args.intermediate, args.layers)
+    if any(x is not None for x in one):
+        e, h, i, layers = (x if x is not None else d for x, d in zip(one, (128, 2048, 768, 2)))
+        return [(f"E={e},H={h},I={i},L={layers}", e, h, i, layers, "qwen3")]
+    return SUITE
 
 
 def run(args) -> int:
@@ -227,20 +357,26 @@ def run(args) -> int:
     from ..testing import write_checkpoint
 
     skip = {s for s in args.skip.split(",") if s}
-    tmp = Path(tempfile.mkdtemp(prefix="bench-io-ckpt-", dir=args.tmp)) if not args.path else None
-    try:
-        if tmp is not None:
-            t = time.perf_counter()
-            write_checkpoint(tmp, layers=args.layers, experts=args.experts, hidden=args.hidden,
-                             intermediate=args.intermediate, shards=args.shards, seed=0)
-            print(f"wrote a synthetic checkpoint in {time.perf_counter() - t:.1f} s",
-                  file=sys.stderr)
-        res = measure(args.path or tmp, repeats=args.repeats, tmp=args.tmp, skip=skip)
-        res["device"] = str(jax.devices()[0])
-        print(report(res))
-        if args.out:
-            Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    options = dict(repeats=args.repeats, tmp=args.tmp, skip=skip, layout=args.layout,
+                   cold=args.cold)
+    start, rows = time.perf_counter(), []
+    if args.path:
+        rows.append((args.path, measure(args.path, **options)))
+    else:
+        for name, e, h, i, layers, naming in _rows(args):
+            tmp = Path(tempfile.mkdtemp(prefix="bench-io-ckpt-", dir=args.tmp))
+            try:
+                write_checkpoint(tmp, naming=naming, layers=layers, experts=e, hidden=h,
+                                 intermediate=i, shards=args.shards, seed=0)
+                rows.append((name, measure(tmp, **options)))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            print(report(rows[-1:]), file=sys.stderr, flush=True)
+    out = {"device": str(jax.devices()[0]), "cpus": os.cpu_count(), "layout": args.layout,
+           "seconds": time.perf_counter() - start, "rows": [dict(r, name=n) for n, r in rows]}
+    print(f"bench-io on {out['device']} ({out['cpus']} CPUs), layout {args.layout}, "
+          f"{out['seconds']:.0f} s in all")
+    print(report(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

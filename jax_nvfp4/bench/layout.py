@@ -540,7 +540,7 @@ def commit() -> str | None:
     import subprocess
     if os.environ.get("JAX_NVFP4_COMMIT"):
         return os.environ["JAX_NVFP4_COMMIT"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
                               capture_output=True, text=True, timeout=10, check=True).stdout

@@ -1,10 +1,11 @@
 """``python -m jax_nvfp4 convert SRC DST``: a prepared checkpoint, one decoder layer at a time.
 
-Each decoder layer becomes one output shard: its MoE layers loaded and
-prepared on the default device by the loader's machinery, its other tensors
-copied unchanged. While a shard is written the next one's tensors are read
+Each decoder layer becomes one output shard: its MoE layers read and put into
+the kernel's layout on the host by the loader's machinery (else prepared on the
+default device: ``_load.layout_on_host``), its other tensors copied unchanged.
+While a shard is written the next one's tensors are read and laid out
 (:class:`ReadAhead`), so the host holds one layer's output and the next
-layer's input at a time. Every layer's scale values are checked before
+layer's at a time. Every layer's scale values are checked before
 anything is written.
 
 Guarantees (see README, "Checkpoints"):
@@ -52,7 +53,7 @@ from ..version import __version__
 from .read import FORMAT, INDEX, LAYOUT, PREPARED_JSON, SINGLE, open_checkpoint
 from ..errors import Interrupted, UserError
 from .fslock import FileLock, LockHeld, describe
-from .load import ReadAhead, load_layer, read_layer, read_tensors
+from .load import ReadAhead, host_layer, layout_on_host, read_layer, read_tensors
 
 MANIFEST = ".jax_nvfp4-convert.json"  # in the partial directory; removed before the rename
 # Test hook (tests/test_convert_faults.py), comma-separated: "kill@shard:K", "term@shard:K",
@@ -200,6 +201,7 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
         except OSError as e:
             raise ConvertError(_io_message(e, where)) from None
         manifest, reads, ahead = None, [0], ReadAhead()
+        on_host = layout_on_host(None)  # the layers read ahead laid out (or not) for it
         try:
             _check_dst(dst, overwrite)  # again, now that no other conversion can write it
             manifest, done = _resume(tmp, dst, key, lock.previous, log, where)
@@ -222,20 +224,17 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                             tensors = read_tensors(ckpt, names, progress=tick)
                         for layer in moe:
                             where("reading", ckpt.path)
-                            arrays = load_layer(ckpt, layer, prepare=True, progress=tick,
+                            arrays = host_layer(ckpt, layer, progress=tick,
                                                 host=ahead.take(layer.prefix))
-                            for x in arrays.values():  # the device->host copies at once
-                                if x.devices().pop().platform != "cpu":  # (CPU: no copy)
-                                    x.copy_to_host_async()
-                            tensors.update((f"{layer.prefix}.{n}", np.asarray(x))
-                                           for n, x in arrays.items())
+                            tensors.update((f"{layer.prefix}.{n}", x) for n, x in arrays.items())
                             del arrays
                         # the next shard's tensors are read while this one is written
                         if (nxt := next(((f, g) for f, g in zip(files[k + 1:], groups[k + 1:])
                                          if f not in done), None)) is not None:
                             ahead.start(nxt[0], read_tensors, ckpt, nxt[1][2])
                             for later in nxt[1][1]:
-                                ahead.start(later.prefix, read_layer, ckpt, later)
+                                ahead.start(later.prefix, read_layer, ckpt, later,
+                                            prepare=on_host)
                         rec = _write_shard(tensors, tmp / file, metadata, k + 1, where)
                         rec.update(tensors=sorted(tensors), read=reads[0] - before,
                                    nbytes=sum(x.nbytes for x in tensors.values()))

@@ -4,17 +4,24 @@ Each MoE layer is assembled on the host, one preallocated numpy buffer per stack
 array (float8 scales kept as bytes), filled straight from the shards with
 ``os.preadv`` by a small thread pool (adjacent pieces coalesced into one read), then
 sent to the device in one transfer per array (per device when sharded; on CPU
-without a copy) and prepared in place (on CPU out of place, faster there). No
-program runs per expert, so the cost is linear in the bytes and flat in the number
-of experts. The host holds about one layer's buffers at a time; the device holds
-the params loaded so far plus one layer's scratch.
+without a copy). It is put into the kernel's layout either on the host while it is
+assembled (each chunk of experts read into a small per-thread staging buffer, then
+padded and permuted into the layer's buffer by numpy, which drops the GIL, while
+other threads read: no XLA program at all) or by :func:`prepare_layer` on its
+device, in place; :func:`layout_on_host` is the rule. No program runs per expert, so the
+cost is linear in the bytes and flat in the number of experts. The host holds about
+one layer's buffers at a time; the device holds the params loaded so far plus one
+layer's scratch.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
+import functools
 import math
 import os
+import queue
 import sys
 import threading
 from typing import NamedTuple
@@ -24,10 +31,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from .. import options as _options
 from ..tree import marks as _marks
 from .read import SCALE_NAMES, Checkpoint, CheckpointError, MoELayer, open_checkpoint
 from ..numerics.scales import KERNEL_NAMES
 from ..layer import prepare_layer
+from ..layout import steps as _steps
 from ..layout.spec import NAMES, SCALE_DTYPE
 from ..tree.prepare import PreparedLayer
 
@@ -35,6 +44,7 @@ _DTYPES = (jnp.uint8, SCALE_DTYPE, jnp.uint8, SCALE_DTYPE)
 THREADS = min(8, max(2, os.cpu_count() or 2))  # reads in flight (the kernel copies, no GIL)
 TASK_BYTES = 16 << 20  # one read task: coalesced pieces up to this size (larger ones split)
 _ALIGN = 4096
+STAGE_BYTES = 4 << 20  # host layout: experts read and laid out per task (its staging)
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 # safetensors dtype codes -> numpy (ml_dtypes for bfloat16 and float8)
 _NUMPY_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
@@ -68,10 +78,15 @@ def _put(x: np.ndarray, device):
 
 
 class HostLayer(NamedTuple):
-    """One MoE layer's stacked arrays on the host (uint8, stored shapes) and bytes read."""
+    """One MoE layer's stacked arrays on the host (uint8) and the bytes read.
+
+    ``prepared``: the arrays are in the kernel's layout (padded shapes, laid out on the
+    host, see :func:`layout_on_host`); else in the checkpoint's (stored shapes).
+    """
 
     arrays: list
     nbytes: int
+    prepared: bool = False
 
 
 def _empty(shape) -> np.ndarray:
@@ -83,15 +98,16 @@ def _empty(shape) -> np.ndarray:
     return raw[start:start + n].reshape(shape)
 
 
-def _plan(ckpt: Checkpoint, layer: MoELayer, shapes, experts) -> list[tuple]:
-    """The layer's reads as runs (see :func:`_runs`)."""
+def _plan(ckpt: Checkpoint, layer: MoELayer, shapes, experts, first: int = 0) -> list[tuple]:
+    """The reads of ``experts`` of the layer as runs (see :func:`_runs`), into buffers of
+    the stored ``shapes`` whose expert 0 is expert ``first`` of the layer."""
     pieces = []
     for e in experts:
         for k, array in enumerate(NAMES):
             rows, row_bytes = shapes[k][1], math.prod(shapes[k][2:])
             for tensor, index, row in layer.parts(array, e):
                 shard, offset, n = ckpt.span(tensor, index)
-                dest = (e * rows + row) * row_bytes
+                dest = ((e - first) * rows + row) * row_bytes
                 if n % row_bytes or row * row_bytes + n > rows * row_bytes:
                     raise CheckpointError(
                         f"{ckpt.file(tensor)}: tensor {tensor!r} ({n} bytes) does not fit rows "
@@ -149,18 +165,98 @@ def _tasks(runs) -> list[list[tuple]]:
 
 
 def read_layer(ckpt: Checkpoint, layer: MoELayer, *, sharding=None,
-               progress=None) -> HostLayer:
-    """Read one MoE layer into four preallocated host buffers (uint8, stored shapes).
+               progress=None, prepare: bool = False) -> HostLayer:
+    """Read one MoE layer into four preallocated host buffers (uint8).
 
-    Only the experts that ``sharding`` places on this process's devices are read (the
-    rest of the buffers is never touched). Reads run on a thread pool; ``progress(n)``
-    is called in the calling thread as each read task completes.
+    Stored shapes in the checkpoint's layout; with ``prepare``, padded shapes in the
+    kernel's layout, each chunk of experts laid out on the host as it is read (see
+    :func:`lay_out`; not for a prepared checkpoint's layer). Only the experts that
+    ``sharding`` places on this process's devices are read (the rest of the buffers is
+    never touched). Reads run on a thread pool; ``progress(n)`` is called in the calling
+    thread as each read task completes.
     """
     shapes = layer.spec.shapes(padded=False)
     experts = sorted({e for _, e0, e1 in _targets(sharding, shapes) for e in range(e0, e1)})
-    bufs = [_empty(s) for s in shapes]
-    total = _read(_plan(ckpt, layer, shapes, experts), [b.reshape(-1) for b in bufs], progress)
-    return HostLayer(bufs, total)
+    if not prepare or layer.prepared:
+        bufs = [_empty(s) for s in shapes]
+        total = _read(_plan(ckpt, layer, shapes, experts), [b.reshape(-1) for b in bufs],
+                      progress)
+        return HostLayer(bufs, total, layer.prepared)
+    bufs = [_empty(s) for s in layer.spec.shapes(padded=True)]
+    per = max(1, min(len(experts), STAGE_BYTES // (layer.spec.nbytes // layer.spec.experts)))
+    chunks = [(run[k], run[min(k + per, len(run)) - 1] + 1)
+              for run in _consecutive(experts) for k in range(0, len(run), per)]
+    stages = queue.SimpleQueue()  # staging buffers, one per task running at once
+    total = _submit([functools.partial(_read_and_lay_out, ckpt, layer, bufs, e0, e1, per,
+                                       stages) for e0, e1 in chunks], progress)
+    return HostLayer(bufs, total, True)
+
+
+def _consecutive(xs: list[int]) -> list[list[int]]:
+    """Sorted ``xs`` cut into runs of consecutive ints."""
+    runs: list[list[int]] = []
+    for x in xs:
+        if runs and runs[-1][-1] + 1 == x:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return runs
+
+
+def _read_and_lay_out(ckpt: Checkpoint, layer: MoELayer, bufs, e0: int, e1: int,
+                      per: int, stages: queue.SimpleQueue) -> int:
+    """Experts ``e0:e1`` (at most ``per``) read into a staging buffer taken from ``stages``
+    (made if none is free, put back after) and laid out into ``bufs``."""
+    spec = layer.spec
+    try:
+        stage = stages.get_nowait()
+    except queue.Empty:  # four stored arrays, then four padded ones: zero but where the
+        # stored bytes go, which is all a task writes, so they stay zero for the next
+        stage = [np.empty((per, *s[1:]), np.uint8) for s in spec.shapes(padded=False)] + [
+            np.zeros((per, *s[1:]), np.uint8) if spec.needs_padding else None
+            for s in spec.shapes(padded=True)]
+    try:
+        flat = [b.reshape(-1) for b in stage[:4]]
+        total = 0
+        for shard, offset, iov in _plan(ckpt, layer, spec.shapes(padded=False),
+                                        range(e0, e1), e0):
+            _preadv(shard, offset, [memoryview(flat[k][d:d + n]) for k, d, n in iov])
+            total += sum(x[2] for x in iov)
+        for k in range(4):
+            pad = stage[4 + k][:e1 - e0] if spec.needs_padding else None
+            lay_out(stage[k][:e1 - e0], bufs[k][e0:e1], spec, k, padded=pad)
+    finally:
+        stages.put(stage)
+    return total
+
+
+def lay_out(src: np.ndarray, dst: np.ndarray, spec, k: int, *, padded=None) -> None:
+    """Array ``k`` of ``NAMES`` for a block of experts, from the checkpoint's layout into
+    the kernel's, on the host: what :func:`prepare_layer` gives, byte for byte.
+
+    ``src`` uint8 ``[n, R, C]`` (stored shape), ``dst`` uint8 ``[n, Rp, Cp]`` (padded
+    shape, written). The same padding and ``_layout`` moves as ``prepare_layer``'s
+    program (``layout.steps.pads``, ``layout.steps.moves``: scales' rows and swizzle fused),
+    as numpy copies. ``padded`` (when ``spec`` needs padding): a ``[n, Rp, Cp]`` uint8
+    buffer, zero outside the stored part, into which ``src`` is padded first.
+    """
+    n = src.shape[0]
+    if spec.needs_padding:  # the stored bytes into the zero-padded buffer, as steps.pads
+        if k < 2 and spec.gated:  # each half of w13 gets zero rows
+            padded.reshape(n, 2, -1, padded.shape[2])[:, :, :src.shape[1] // 2,
+                                                      :src.shape[2]] = src.reshape(
+                n, 2, src.shape[1] // 2, src.shape[2])
+        else:
+            padded[:, :src.shape[1], :src.shape[2]] = src
+        src = padded
+    (view, perm), = _steps.moves(spec, fuse=True)[k]
+    # The last view axis is contiguous on both sides: moved as wider words (numpy's
+    # strided copy costs per element; 4-byte scale groups as uint32 are ~3x faster).
+    word = next(w for w in (8, 4, 2, 1) if view[-1] % w == 0)
+    view = (*view[:-1], view[-1] // word)
+    src, dst = src.view(f"u{word}"), dst.view(f"u{word}")
+    dst.reshape(n, *(view[p] for p in perm))[...] = src.reshape(n, *view).transpose(
+        0, *(p + 1 for p in perm))
 
 
 def _read(runs, flat: list, progress) -> int:
@@ -172,7 +268,12 @@ def _read(runs, flat: list, progress) -> int:
             total += sum(x[2] for x in iov)
         return total
 
-    futures = [_readers().submit(run, t) for t in _tasks(runs)]
+    return _submit([functools.partial(run, t) for t in _tasks(runs)], progress)
+
+
+def _submit(fns, progress) -> int:
+    """Run ``fns`` (each returning the bytes it read) on the reader pool; their sum."""
+    futures = [_readers().submit(fn) for fn in fns]
     total = 0
     try:
         for f in concurrent.futures.as_completed(futures):
@@ -237,6 +338,39 @@ def _in_place(arrays) -> bool:
     return any(d.platform != "cpu" for x in arrays for d in x.devices())
 
 
+def layout_on_host(devices) -> bool:
+    """Whether a loaded layer is put into the kernel's layout on the host, as it is read
+    (:func:`read_layer` with ``prepare``), rather than by :func:`prepare_layer` on its
+    devices after the transfer. ``devices``: where the layer goes; None for the host
+    itself (``convert``, which writes it).
+
+    On the host when it stays there (CPU devices, convert): no XLA program runs and the
+    layout overlaps the reads. ``bench-io --layout both --repeats 3`` on a 2-core CPU,
+    warm page cache, load host / device (x safetensors' read): Qwen3-30B-A3B shape with
+    E=64, 2 layers (0.38 GB) 1.17x / 2.12x; Nemotron-3-Nano shape, padded (0.19 GB)
+    2.17x / 11.6x; E=256 small experts 0.99x / 1.34x; 4 layers 1.39x / 1.92x; convert
+    host / device (x read + write) 1.10x / 1.19x, 1.50x / 2.73x, 0.59x / 0.65x, 1.06x /
+    1.13x. On an accelerator prepare_layer takes a few ms a layer after the transfer
+    (H200, Qwen3-30B-A3B shape, 2 layers: load 0.17 s = 0.39x read) where the host
+    would copy every byte once more: kept there until ``bench-io --layout both`` on
+    the GPU machine says otherwise.
+    """
+    forced = _options.current().host_layout
+    if forced is not None:
+        return forced
+    return devices is None or all(d.platform == "cpu" for d in devices)
+
+
+def _devices(sharding) -> list:
+    """The devices a layer loaded with ``sharding`` goes to (the default device for None)."""
+    if sharding is not None:
+        return list(sharding.addressable_devices)
+    default = jax.config.jax_default_device
+    if isinstance(default, str):
+        return jax.devices(default)[:1]
+    return [default] if default is not None else jax.devices()[:1]
+
+
 def _to_device(host: list, shapes, targets, sharding) -> list:
     """The host buffers on device: one transfer per array (per device when sharded)."""
     host = [b.view(dt) for b, dt in zip(host, _DTYPES)]  # float8 is a view of the bytes
@@ -281,29 +415,30 @@ def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=Non
     """One MoE layer of ``ckpt`` as a mapping of its twelve arrays, on device.
 
     The four weight arrays, the four checkpoint scalars and the four kernel scalars
-    (:func:`kernel_scales`). ``prepare`` runs :func:`prepare_layer` on the filled
-    buffers (in place, except on CPU). A layer of a prepared checkpoint comes back as a
-    :class:`PreparedLayer` with its arrays marked; prepared layers record the model's
-    valid ``hidden_size`` and ``intermediate_size``. ``progress(nbytes)`` is called
-    as the layer's bytes are read. ``host``: the layer already read by
-    :func:`read_layer` (or a future of it), e.g. read ahead while the caller wrote the
-    previous one. The scalars are read (and checked) first, so a broken scale fails
-    before the layer's weights are read.
+    (:func:`kernel_scales`). ``prepare``: in the kernel's layout, laid out on the host
+    as the layer is read or by :func:`prepare_layer` on the filled buffers (in place,
+    except on CPU), as :func:`layout_on_host` says. A layer of a prepared checkpoint
+    comes back as a :class:`PreparedLayer` with its arrays marked; prepared layers
+    record the model's valid ``hidden_size`` and ``intermediate_size``.
+    ``progress(nbytes)`` is called as the layer's bytes are read. ``host``: the layer
+    already read by :func:`read_layer` (or a future of it), e.g. read ahead while the
+    caller wrote the previous one (laid out or not). The scalars are read (and checked)
+    first, so a broken scale fails before the layer's weights are read.
     """
     host_scales = ckpt.scales(layer)
     host_kernel = ckpt.kernel_scales(layer, host_scales)
     shapes = layer.spec.shapes(padded=False)
     targets = _targets(sharding, shapes)
-    if host is None:
-        host = read_layer(ckpt, layer, sharding=sharding, progress=progress)
-    else:  # read ahead by the caller (a HostLayer or a future of one)
-        host = host.result() if isinstance(host, concurrent.futures.Future) else host
-        if progress:
-            progress(host.nbytes)
-    arrays = _to_device(host.arrays, shapes, targets, sharding)
+    host = _taken(host, progress) if host is not None else read_layer(
+        ckpt, layer, sharding=sharding, progress=progress,
+        prepare=prepare and layout_on_host(_devices(sharding)))
+    if host.prepared and not (prepare or layer.prepared):
+        raise ValueError(f"{layer.prefix}: read in the kernel's layout, asked unprepared")
+    laid_out = host.prepared
+    arrays = _to_device(host.arrays, [a.shape for a in host.arrays], targets, sharding)
     del host
     sizes = {"hidden_size": layer.hidden, "intermediate_size": layer.intermediate}
-    if layer.prepared:
+    if laid_out:  # a prepared checkpoint's layer, or laid out on the host
         _marks.mark(*arrays)
         out = PreparedLayer(zip(NAMES, arrays), **sizes)
     elif prepare:
@@ -317,6 +452,39 @@ def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=Non
     out.update((n, jax.device_put(host_kernel[n], sharding if host_kernel[n].ndim
                                   else _replicated(sharding))) for n in KERNEL_NAMES)
     return out
+
+
+def _taken(host, progress) -> HostLayer:
+    """A layer read ahead by the caller (a HostLayer or a future of one), its bytes counted."""
+    host = host.result() if isinstance(host, concurrent.futures.Future) else host
+    if progress:
+        progress(host.nbytes)
+    return host
+
+
+def host_layer(ckpt: Checkpoint, layer: MoELayer, *, progress=None, host=None) -> dict:
+    """One MoE layer's twelve arrays prepared, as numpy on the host (what convert writes).
+
+    Laid out on the host as it is read, or (where :func:`layout_on_host` says not for
+    the host) by :func:`load_layer` on the default device and copied back. ``host``: as
+    for :func:`load_layer`, read with or without ``prepare``.
+    """
+    if isinstance(host, concurrent.futures.Future):
+        host = host.result()
+    if host is None and layout_on_host(None):
+        host = read_layer(ckpt, layer, progress=progress, prepare=True)
+    elif host is None or not host.prepared:
+        arrays = load_layer(ckpt, layer, prepare=True, progress=progress, host=host)
+        for x in arrays.values():  # the device->host copies at once
+            if x.devices().pop().platform != "cpu":  # (CPU: no copy)
+                x.copy_to_host_async()
+        return {n: np.asarray(x) for n, x in arrays.items()}
+    elif progress:
+        progress(host.nbytes)
+    scales = ckpt.scales(layer)
+    kernel = ckpt.kernel_scales(layer, scales)
+    out = {n: b.view(dt) for n, b, dt in zip(NAMES, host.arrays, _DTYPES)}
+    return {**out, **{n: scales[n] for n in SCALE_NAMES}, **{n: kernel[n] for n in KERNEL_NAMES}}
 
 
 def _nest(flat: dict) -> dict:
@@ -349,11 +517,11 @@ def load(path, *, prepare: bool = True, sharding=None, layers=None) -> dict:
         ``...mlp.experts.{e}.{gate,up,down}_proj``, Mixtral
         ``...block_sparse_moe.experts.{e}.{w1,w3,w2}``) is detected.
     prepare : bool, keyword-only
-        Prepare each MoE layer for ``trtllm_fp4_block_scale_moe`` right after it is
-        loaded, in place on accelerators (see :func:`prepare_layer`; on CPU out of
-        place, which is faster there and needs the layer twice for a moment). With
-        ``False`` the layers stay
-        in the checkpoint layout, ready for :func:`prepare`. A prepared checkpoint
+        Put each MoE layer into the layout of ``trtllm_fp4_block_scale_moe`` (the bytes
+        of :func:`prepare_layer`) as it is loaded: on accelerators by
+        :func:`prepare_layer` in place after the transfer; on CPU on the host while it is
+        read (no XLA program; a few experts of staging per reader thread). With
+        ``False`` the layers stay in the checkpoint layout, ready for :func:`prepare`. A prepared checkpoint
         must be loaded with ``False``; its layers come back marked as prepared.
     sharding : jax.sharding.Sharding, optional, keyword-only
         Sharding of the MoE arrays along their expert axis (axis 0), e.g.
@@ -413,15 +581,17 @@ def load(path, *, prepare: bool = True, sharding=None, layers=None) -> dict:
         others = _replicated(sharding)
         flat = {}
         queue = [layer for _, moe, _ in groups for layer in moe]
+        on_host = prepare and layout_on_host(_devices(sharding))
         with ReadAhead() as ahead:
             for _, moe, names in groups:
                 for name, x in read_tensors(ckpt, names).items():
                     flat[name] = jax.device_put(x, others)
                 for layer in moe:
-                    host = ahead.take(layer.prefix) or read_layer(ckpt, layer, sharding=sharding)
+                    host = ahead.take(layer.prefix) or read_layer(
+                        ckpt, layer, sharding=sharding, prepare=on_host)
                     if (k := queue.index(layer) + 1) < len(queue):  # read while this one moves
                         ahead.start(queue[k].prefix, read_layer, ckpt, queue[k],
-                                    sharding=sharding)
+                                    sharding=sharding, prepare=on_host)
                     flat[layer.prefix] = out = load_layer(ckpt, layer, prepare=prepare,
                                                           sharding=sharding, host=host)
                     del host
@@ -455,7 +625,8 @@ class ReadAhead:
     def start(self, key, fn, *args, **kwargs):
         if self.pool is None:
             self.pool = concurrent.futures.ThreadPoolExecutor(1, "jax_nvfp4-read-ahead")
-        self.pending[key] = self.pool.submit(fn, *args, **kwargs)
+        # in the caller's context: the options in force (``options.override``) apply there too
+        self.pending[key] = self.pool.submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
     def take(self, key):
         """The future of what was started under ``key``, or None."""

@@ -31,7 +31,7 @@ def move(x, view, perm):
     Every transform below keeps the last view axis last (bytes contiguous in
     input and output). Moving them as wider ints does not help XLA: a uint8 ->
     uint32 bitcast inside a jitted program is expanded into shifts
-    (benchmarks/NOTES.md); ``_pallas`` moves whole rows instead.
+    (benchmarks/DESIGN-RECORD.md); ``_pallas`` moves whole rows instead.
     """
     e, rows, cols = x.shape
     y = x.reshape(e, *view).transpose(0, *(p + 1 for p in perm))

@@ -1,6 +1,6 @@
 """``backend="triton"``: the whole layer moved by Triton kernels, inside the jitted program.
 
-Why Triton kernels rather than XLA (benchmarks/NOTES.md, H200): XLA's GPU
+Why Triton kernels rather than XLA (benchmarks/DESIGN-RECORD.md, H200): XLA's GPU
 emitters move uint8 one byte per thread, about a third of the copy bandwidth,
 and Pallas' Triton lowering (deprecated in jax 0.11) indexes arrays of 2-4 GiB
 in int32, so DeepSeek-V3's 3.76 GB w13 came out wrong there. These kernels move
@@ -45,7 +45,7 @@ def missing() -> str | None:
 def route(options: Options | None = None) -> str:
     """``"xla"`` (jax-triton's custom call) or ``"callback"`` (``buffer_callback``): the
     knob ``triton_route`` (``"auto"``: through XLA where jax-triton imports, else from a
-    buffer_callback). Measured on an H200 (benchmarks/NOTES.md): the same kernels, the XLA
+    buffer_callback). Measured on an H200 (benchmarks/DESIGN-RECORD.md): the same kernels, the XLA
     route without the callback's fixed host cost."""
     chosen = check_route((options or current()).triton_route)
     if chosen == "auto":
