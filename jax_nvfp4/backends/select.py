@@ -69,7 +69,8 @@ def auto_takes_triton(spec: LayerSpec, *, donate: bool, inverse: bool = False,
     ``resolve_backend`` then checks that Triton can run (CUDA arrays, torch and triton
     installed). Each branch names its measurement: one H200, one run,
     benchmarks/results/h200-2026-12-03-38b4dd417adf.json (wall ms, device ms in brackets;
-    Triton launched from a buffer_callback), and h200-2026-11-28-bb49616e9e70-bench.json (benchmarks/DESIGN-RECORD.md, "`auto`: one rule")."""
+    Triton launched from a buffer_callback), and h200-2026-11-28-bb49616e9e70-bench.json
+    (benchmarks/DESIGN-RECORD.md, "`auto`: one rule")."""
     options = options or current()
     if inverse:  # no kernel for the inverse
         return False
