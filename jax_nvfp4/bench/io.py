@@ -52,7 +52,7 @@ def configure(p):
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each step (2)")
     p.add_argument("--layout", choices=("auto", "host", "device", "both"), default="auto",
                    help="where load and convert make the kernel's layout (auto: "
-                        "_load.layout_on_host's rule; both: each timed)")
+                        "checkpoint.load.layout_on_host's rule; both: each timed)")
     p.add_argument("--cold", action="store_true",
                    help="evict the shards from the page cache before each timed run")
     p.add_argument("--tmp", default=None, help="where to write temporary checkpoints")
