@@ -152,6 +152,25 @@ def rewrite(path: Path, tensors: dict, changes: dict, *, index: bool = False):
         (path / INDEX).write_text(json.dumps(data))
 
 
+def edit_json(file: Path, edit) -> None:
+    """Read the JSON ``file``, let ``edit`` change the object in place, write it back."""
+    file = Path(file)
+    data = json.loads(file.read_text())
+    edit(data)
+    file.write_text(json.dumps(data))
+
+
+def compiled_programs(caplog, fn) -> list[str]:
+    """The 'Compiling ...' log lines of every XLA program compiled while ``fn`` runs."""
+    import logging
+
+    import jax
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        caplog.clear()
+        fn()
+    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+
+
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "jax_nvfp4", *args], capture_output=True,
                           text=True, timeout=timeout)

@@ -47,3 +47,36 @@ def assert_no_race(rng, backend: str, rounds: int = 200):
     assert [[int(s) for s in row] for row in sums] == [sums_want] * rounds
     for name, g, w in zip(("w13", "w13_scale", "w2", "w2_scale"), layer, host):
         assert_bytes_equal(g, w, f"after {rounds} round trips {name}")
+
+
+def assert_missing_extra_refused(rng, monkeypatch, module, backend: str):
+    """With nothing importable (``module``'s ``importlib.util.find_spec`` finds nothing),
+    ``backend`` is an ImportError naming the ``jax-nvfp4[backend]`` extra, before anything
+    is donated."""
+    import pytest
+
+    import jax_nvfp4
+    layer = to_jax(random_layer(rng, 2, 128, 64))
+    monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=rf"jax-nvfp4\[{backend}\]"):
+        jax_nvfp4.prepare_layer(*layer, backend=backend)
+    assert not any(x.is_deleted() for x in layer)
+
+
+def assert_in_place_and_torch_allocates_nothing(rng, backend: str):
+    """On a CUDA device: ``backend``'s outputs are the donated buffers (same pointers, the
+    inputs deleted) and torch's allocator gives out nothing (after one warm-up call)."""
+    import torch
+
+    import jax_nvfp4
+    layer = to_jax(random_layer(rng, 64, 7168, 256))
+    jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, 64, 7168, 256)), backend=backend)
+    pointers = [x.unsafe_buffer_pointer() for x in layer]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.max_memory_allocated()
+    out = jax.block_until_ready(jax_nvfp4.prepare_layer(*layer, backend=backend,
+                                                        chunk_bytes=1 << 24))
+    assert torch.cuda.max_memory_allocated() == before
+    assert [x.unsafe_buffer_pointer() for x in out] == pointers
+    assert all(x.is_deleted() for x in layer)

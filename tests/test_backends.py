@@ -12,7 +12,7 @@ from jax_nvfp4.backends import flashinfer as _flashinfer, select as _backends
 from jax_nvfp4 import transform as _prepare
 from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.layout.spec import LayerSpec
-from helpers import assert_bytes_equal, random_layer, to_jax
+from helpers import assert_bytes_equal, assert_missing_extra_refused, random_layer, to_jax
 
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
@@ -56,11 +56,7 @@ def test_flashinfer_on_cpu_arrays_is_refused_before_donation(rng):
 
 
 def test_flashinfer_missing_is_an_import_error_naming_the_extra(rng, monkeypatch):
-    layer = to_jax(random_layer(rng, 2, 128, 64))
-    monkeypatch.setattr(_flashinfer.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match=r"jax-nvfp4\[flashinfer\]"):
-        jax_nvfp4.prepare_layer(*layer, backend="flashinfer")
-    assert not any(x.is_deleted() for x in layer)
+    assert_missing_extra_refused(rng, monkeypatch, _flashinfer, "flashinfer")
 
 
 @pytest.mark.parametrize("e, h, i, gated, chunk_bytes", [(5, 256, 128, True, 20000),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -13,7 +12,7 @@ from jax_nvfp4 import cli as _cli
 from jax_nvfp4.checkpoint import load as _load
 from jax_nvfp4.checkpoint.read import INDEX
 from jax_nvfp4.testing import experts_prefix, write_checkpoint
-from ckpt_helpers import cli, rewrite, shard_of
+from ckpt_helpers import cli, edit_json, rewrite, shard_of
 
 P = "model.layers.1.mlp.experts"
 
@@ -51,9 +50,8 @@ def _corrupt(case, path, tensors):
         rewrite(path, tensors, {name: np.array(np.nan, np.float32)})
         return [str(shard_of(path, name)), name, "nan is not a positive finite scale"]
     if case == "unsupported quant_algo":
-        config = json.loads((path / "config.json").read_text())
-        config["quantization_config"]["quant_algo"] = "FP8"
-        (path / "config.json").write_text(json.dumps(config))
+        edit_json(path / "config.json",
+                  lambda c: c["quantization_config"].__setitem__("quant_algo", "FP8"))
         return [str(path / "config.json"), "quant_algo is 'FP8'", "only 'NVFP4'"]
     raise AssertionError(case)
 
@@ -157,12 +155,18 @@ def test_stacked_experts_fewer_than_the_config(tmp_path, rng):
         jax_nvfp4.load(tmp_path)
 
 
+def _four_experts(path, rng, num_experts):
+    """A one-layer checkpoint of 4 experts whose config.json says ``num_experts`` (None:
+    no count at all); its tensors."""
+    tensors = write_checkpoint(path, layers=1, experts=4, seed=int(rng.integers(2**31)))
+    edit_json(path / "config.json", lambda c: c.pop("num_experts") if num_experts is None
+              else c.update(num_experts=num_experts))
+    return tensors
+
+
 def test_expert_count_from_router_alone(tmp_path, rng):
     # No count in config.json: the router's rows still catch the missing expert.
-    tensors = write_checkpoint(tmp_path, layers=1, experts=4, seed=int(rng.integers(2**31)))
-    config = json.loads((tmp_path / "config.json").read_text())
-    del config["num_experts"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = _four_experts(tmp_path, rng, None)
     rewrite(tmp_path, tensors, {n: None for n in tensors if ".experts.3." in n}, index=True)
     with pytest.raises(ValueError, match=r"no tensors for expert 3 \(router 'model.layers.0.mlp"
                                          r".gate.weight' has 4 rows"):
@@ -170,23 +174,15 @@ def test_expert_count_from_router_alone(tmp_path, rng):
 
 
 def test_expert_counts_that_disagree(tmp_path, rng):
-    write_checkpoint(tmp_path, layers=1, experts=4, seed=int(rng.integers(2**31)))
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["num_experts"] = 8
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    _four_experts(tmp_path, rng, 8)
     with pytest.raises(ValueError, match=r"expert counts disagree: .*num_experts = 8; router "
                                          r"'model.layers.0.mlp.gate.weight' has 4 rows"):
         jax_nvfp4.load(tmp_path)
 
 
 def test_more_experts_than_the_config(tmp_path, rng):
-    write_checkpoint(tmp_path, layers=1, experts=4, seed=int(rng.integers(2**31)))
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["num_experts"] = 3
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    _four_experts(tmp_path, rng, 3)
     # (the router, 4 rows, disagrees too: drop it to see the count check on its own)
-    data = json.loads((tmp_path / INDEX).read_text())
-    del data["weight_map"]["model.layers.0.mlp.gate.weight"]
-    (tmp_path / INDEX).write_text(json.dumps(data))
+    edit_json(tmp_path / INDEX, lambda d: d["weight_map"].pop("model.layers.0.mlp.gate.weight"))
     with pytest.raises(ValueError, match=r"expert 3 beyond 3 \(.*num_experts = 3"):
         jax_nvfp4.load(tmp_path)

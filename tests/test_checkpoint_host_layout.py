@@ -4,8 +4,6 @@ sharded or not, whatever the staging chunk; and no XLA program sees the layer.""
 
 from __future__ import annotations
 
-import logging
-
 import jax
 import numpy as np
 import pytest
@@ -17,7 +15,8 @@ from jax_nvfp4.checkpoint.read import open_checkpoint
 from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.layout.spec import NAMES, LayerSpec
 from jax_nvfp4.testing import write_checkpoint
-from ckpt_helpers import GATED, experts_of, host_layout as _host_layout, stacked
+from ckpt_helpers import GATED, compiled_programs as _compiled, experts_of, stacked
+from ckpt_helpers import host_layout as _host_layout
 
 # (family, E, H, I): unpadded; I padded (gated to 64, not gated to 128); H padded to 256,
 # with H/16 not a multiple of 4 (scale columns padded inside a 4-column group)
@@ -95,13 +94,6 @@ def test_lay_out_is_the_device_program(rng):
             pad = np.zeros(w.shape, np.uint8) if spec.needs_padding else None
             _load.lay_out(x, out, spec, k, padded=pad)
             assert out.tobytes() == np.asarray(w).view(np.uint8).tobytes(), (spec, NAMES[k])
-
-
-def _compiled(caplog, fn):
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        caplog.clear()
-        fn()
-    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
 
 
 def test_no_program_sees_the_layer(tmp_path, rng, monkeypatch, caplog):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import threading
 
 import jax
@@ -20,6 +19,7 @@ from jax_nvfp4.checkpoint.read import CheckpointError, open_checkpoint
 from jax_nvfp4.layout.spec import NAMES
 from jax_nvfp4.testing import write_checkpoint
 from ckpt_helpers import host_layout as _host_layout, MOE, cli, prefix, rewrite, stacked
+from ckpt_helpers import compiled_programs
 
 
 def _seed(rng):
@@ -111,14 +111,6 @@ def test_sharded_one_transfer_per_array_and_device(tmp_path, rng, puts):
     assert all(moe[n].sharding == s for n in NAMES)
 
 
-def _compiled_programs(caplog, fn):
-    """The 'Compiling ...' log lines of every XLA program compiled while ``fn`` runs."""
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        caplog.clear()
-        fn()
-    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-
-
 def test_no_program_touches_the_layer_before_prepare(tmp_path, rng, caplog, monkeypatch):
     # The old loader compiled a dynamic_update_slice into the whole layer buffer (run once
     # per expert; on CPU XLA converted the whole float8 buffer to f16 and back for each).
@@ -129,11 +121,11 @@ def test_no_program_touches_the_layer_before_prepare(tmp_path, rng, caplog, monk
     write_checkpoint(tmp_path, layers=2, experts=e, hidden=h, intermediate=i, seed=_seed(rng))
     sizes = [f"[{e},{2 * i},{h // 2}]", f"[{e},{2 * i},{h // 16}]", f"[{e},{h},{i // 2}]",
              f"[{e},{h},{i // 16}]"]
-    logs = _compiled_programs(caplog, lambda: jax.block_until_ready(
+    logs = compiled_programs(caplog, lambda: jax.block_until_ready(
         jax_nvfp4.load(tmp_path, prepare=False)))
     assert not [m for m in logs if any(s in m for s in sizes)], logs
     # ... prepare=True compiles prepare_layer's program once, for both layers
-    logs = _compiled_programs(caplog, lambda: jax.block_until_ready(jax_nvfp4.load(tmp_path)))
+    logs = compiled_programs(caplog, lambda: jax.block_until_ready(jax_nvfp4.load(tmp_path)))
     touching = [m for m in logs if any(s in m for s in sizes)]
     assert len(touching) == 1, logs  # prepare_layer's program (jit(program))
 

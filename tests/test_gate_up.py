@@ -98,6 +98,17 @@ def test_tree_gate_up_order(rng):
             assert_bytes_equal(out["layers"][k]["moe"][name], want, f"layer {k} {name}")
 
 
+def _tp_setup(rng):
+    """A layer of 2 experts, I = 2 x 64, and a 2 x 2 ("e", "t") mesh of 4 CPU devices
+    (skipped without them): (host, mesh, t, i_local)."""
+    devices = jax.devices("cpu")[:4]
+    if len(devices) < 4:
+        pytest.skip("needs 4 CPU devices (conftest.py)")
+    t, i_local = 2, 64
+    host = random_layer(rng, 2, 256, t * i_local)
+    return host, jax.make_mesh((2, t), ("e", "t"), devices=devices), t, i_local
+
+
 def _rank_layer(host, mesh, shard, t, i_local):
     """The reference of what ``shard``'s device holds: its TP rank's own layer, prepared
     (``host`` in the checkpoint layout, w13 rows [up; gate], ``t`` ranks of ``i_local``)."""
@@ -114,12 +125,7 @@ def _rank_layer(host, mesh, shard, t, i_local):
 
 def test_sharded_tp_layer_in_gate_up_order(rng):
     """I split over devices: each device's rows are its own [gate_j; up_j]; swapped per device."""
-    devices = jax.devices("cpu")[:4]
-    if len(devices) < 4:
-        pytest.skip("needs 4 CPU devices (conftest.py)")
-    t, i_local = 2, 64
-    host = random_layer(rng, 2, 256, t * i_local)
-    mesh = jax.make_mesh((2, t), ("e", "t"), devices=devices)
+    host, mesh, t, i_local = _tp_setup(rng)
     # what a TP checkpoint loader builds from HF's [gate; up]: [gate_0; up_0; gate_1; up_1]
     gate_up = [_gate_up(host[0]), _gate_up(host[1])]
     tp13 = jax_nvfp4.tp_interleave(*gate_up, tp=t)
@@ -254,12 +260,7 @@ def test_swap_runs_in_place_with_one_chunk_of_scratch():
 
 @pytest.mark.parametrize("split_i", [False, True], ids=["experts-split", "I-split"])
 def test_separate_gate_up_sharded_fused_on_each_device(rng, split_i):
-    devices = jax.devices("cpu")[:4]
-    if len(devices) < 4:
-        pytest.skip("needs 4 CPU devices (conftest.py)")
-    t, i_local = 2, 64
-    host = random_layer(rng, 2, 256, t * i_local)
-    mesh = jax.make_mesh((2, t), ("e", "t"), devices=devices)
+    host, mesh, t, i_local = _tp_setup(rng)
     rows, cols = (P("e", "t"), P("e", None, "t")) if split_i else (P("e"), P("e"))
     moe = _separate(host)
     for n in moe:

@@ -16,7 +16,8 @@ import jax_nvfp4
 import torch_bridge
 from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.layout.spec import LayerSpec
-from helpers import assert_bytes_equal, assert_no_race, random_layer, to_jax
+from helpers import assert_bytes_equal, assert_in_place_and_torch_allocates_nothing
+from helpers import assert_no_race, random_layer, to_jax
 
 NAMES = ("w13", "w13_scale", "w2", "w2_scale")
 
@@ -59,17 +60,7 @@ def test_flashinfer_backend_is_bit_exact(rng, e, h, i, gated, donate):
 
 
 def test_outputs_live_in_the_donated_buffers_and_torch_allocates_nothing(rng):
-    layer = to_jax(random_layer(rng, 64, 7168, 256))
-    jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, 64, 7168, 256)), backend="flashinfer")
-    pointers = [x.unsafe_buffer_pointer() for x in layer]
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.max_memory_allocated()
-    out = jax.block_until_ready(jax_nvfp4.prepare_layer(*layer, backend="flashinfer",
-                                                        chunk_bytes=1 << 24))
-    assert torch.cuda.max_memory_allocated() == before
-    assert [x.unsafe_buffer_pointer() for x in out] == pointers
-    assert all(x.is_deleted() for x in layer)
+    assert_in_place_and_torch_allocates_nothing(rng, "flashinfer")
 
 
 def test_eager_bridge_writes_into_jax_memory(rng):

@@ -17,7 +17,8 @@ from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.backends.triton import program as _triton
 from jax_nvfp4.layout.spec import LayerSpec
 from jax_nvfp4.testing import random_device_layer
-from helpers import assert_bytes_equal, assert_no_race, random_layer, to_jax
+from helpers import assert_bytes_equal, assert_in_place_and_torch_allocates_nothing
+from helpers import assert_no_race, random_layer, to_jax
 
 NAMES = ("w13", "w13_scale", "w2", "w2_scale")
 ROUTES = ["callback", pytest.param("xla", marks=pytest.mark.skipif(
@@ -80,17 +81,7 @@ def test_deepseek_v3_layer_over_2_gib_is_bit_exact_in_place():
 
 
 def test_torch_allocates_nothing_and_outputs_keep_the_buffers(rng):
-    layer = to_jax(random_layer(rng, 64, 7168, 256))
-    jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, 64, 7168, 256)), backend="triton")
-    pointers = [x.unsafe_buffer_pointer() for x in layer]
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.max_memory_allocated()
-    out = jax.block_until_ready(jax_nvfp4.prepare_layer(*layer, backend="triton",
-                                                        chunk_bytes=1 << 24))
-    assert torch.cuda.max_memory_allocated() == before
-    assert [x.unsafe_buffer_pointer() for x in out] == pointers
-    assert all(x.is_deleted() for x in layer)
+    assert_in_place_and_torch_allocates_nothing(rng, "triton")
 
 
 def test_200_prepares_interleaved_with_jax_work_have_no_race(rng):

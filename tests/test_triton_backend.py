@@ -18,7 +18,7 @@ from jax_nvfp4 import transform as _prepare
 from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.backends.triton import program as _triton
 from jax_nvfp4.layout.spec import LayerSpec
-from helpers import assert_bytes_equal, random_layer, to_jax
+from helpers import assert_bytes_equal, assert_missing_extra_refused, random_layer, to_jax
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
 NAMES = ("w13", "w13_scale", "w2", "w2_scale")
@@ -118,11 +118,7 @@ def test_triton_on_cpu_without_the_interpreter_is_refused_before_donation(rng, m
 
 
 def test_triton_missing_is_an_import_error_naming_the_extra(rng, monkeypatch):
-    layer = to_jax(random_layer(rng, 2, 128, 64))
-    monkeypatch.setattr(_triton.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ImportError, match=r"jax-nvfp4\[triton\]"):
-        jax_nvfp4.prepare_layer(*layer, backend="triton")
-    assert not any(x.is_deleted() for x in layer)
+    assert_missing_extra_refused(rng, monkeypatch, _triton, "triton")
 
 
 def test_auto_never_picks_triton_for_cpu_arrays(rng):

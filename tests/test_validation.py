@@ -15,6 +15,13 @@ def _assert_alive(layer):
     assert not any(x.is_deleted() for x in layer)
 
 
+def _assert_refused(arrays, error, match, *, fn=jax_nvfp4.prepare_layer, **kwargs):
+    """``fn(*arrays, **kwargs)`` raises ``error`` matching ``match``; nothing was donated."""
+    with pytest.raises(error, match=match):
+        fn(*arrays, **kwargs)
+    _assert_alive(arrays)
+
+
 def _replace(layer, k, x):
     layer = list(layer)
     layer[k] = x
@@ -56,9 +63,7 @@ def test_bad_shapes_are_refused_naming_the_array(layer, rng, k, shape, name, rul
 ])
 def test_bad_dtypes_are_type_errors(layer, k, dtype, name):
     args = _replace(layer, k, layer[k].astype(dtype))
-    with pytest.raises(TypeError, match=name):
-        jax_nvfp4.prepare_layer(*args)
-    _assert_alive(args)
+    _assert_refused(args, TypeError, name)
 
 
 def test_hidden_not_multiple_of_16(rng):
@@ -67,9 +72,7 @@ def test_hidden_not_multiple_of_16(rng):
     arrays = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in
               [(e, 2 * i, h // 2), (e, 2 * i, 13), (e, h, i // 2), (e, h, i // 16)]]
     layer = to_jax(arrays)
-    with pytest.raises(ValueError, match=r"H = 2 x shape\[2\] = 200 must be a multiple of 16"):
-        jax_nvfp4.prepare_layer(*layer)
-    _assert_alive(layer)
+    _assert_refused(layer, ValueError, r"H = 2 x shape\[2\] = 200 must be a multiple of 16")
 
 
 def test_intermediate_not_multiple_of_16(rng):
@@ -77,16 +80,12 @@ def test_intermediate_not_multiple_of_16(rng):
     arrays = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in
               [(e, 2 * i, h // 2), (e, 2 * i, h // 16), (e, h, i // 2), (e, h, 2)]]
     layer = to_jax(arrays)
-    with pytest.raises(ValueError, match="I = 2 x shape.2. = 24 must be a multiple of 16"):
-        jax_nvfp4.prepare_layer(*layer)
-    _assert_alive(layer)
+    _assert_refused(layer, ValueError, "I = 2 x shape.2. = 24 must be a multiple of 16")
 
 
 def test_gated_mismatch_suggests_the_flag(rng):
     layer = to_jax(random_layer(rng, 2, 128, 128, gated=False))
-    with pytest.raises(ValueError, match="pass gated=False"):
-        jax_nvfp4.prepare_layer(*layer)
-    _assert_alive(layer)
+    _assert_refused(layer, ValueError, "pass gated=False")
 
 
 @pytest.mark.parametrize("kwargs, error, text", [
@@ -97,9 +96,7 @@ def test_gated_mismatch_suggests_the_flag(rng):
     ({"donate": "yes"}, TypeError, "donate must be a bool"),
 ])
 def test_bad_options(layer, kwargs, error, text):
-    with pytest.raises(error, match=text):
-        jax_nvfp4.prepare_layer(*layer, **kwargs)
-    _assert_alive(layer)
+    _assert_refused(layer, error, text, **kwargs)
 
 
 def test_options_are_keyword_only(layer):
@@ -123,9 +120,7 @@ def test_deleted_input_is_named(layer):
 
 def test_preparing_twice_is_refused(layer):
     out = jax_nvfp4.prepare_layer(*layer)
-    with pytest.raises(ValueError, match="already in the TRT-LLM layout"):
-        jax_nvfp4.prepare_layer(*out)
-    _assert_alive(out)
+    _assert_refused(out, ValueError, "already in the TRT-LLM layout")
 
 
 def test_same_array_twice_is_refused(rng):
@@ -138,26 +133,21 @@ def test_same_array_twice_is_refused(rng):
 
 def test_unprepare_refuses_unpadded_sizes(rng):
     layer = to_jax(random_layer(rng, 2, 128, 96))
-    with pytest.raises(ValueError, match="not a prepared size"):
-        jax_nvfp4.unprepare_layer(*layer)
-    _assert_alive(layer)
+    _assert_refused(layer, ValueError, "not a prepared size", fn=jax_nvfp4.unprepare_layer)
 
 
 def test_unprepare_without_donation_keeps_the_mark(layer):
     out = jax_nvfp4.prepare_layer(*layer)
     jax_nvfp4.unprepare_layer(*out, donate=False)  # the prepared arrays stay alive...
-    with pytest.raises(ValueError, match="already in the TRT-LLM layout"):
-        jax_nvfp4.prepare_layer(*out)  # ...and still refuse a second shuffle
-    _assert_alive(out)
+    # ...and still refuse a second shuffle
+    _assert_refused(out, ValueError, "already in the TRT-LLM layout")
 
 
 def test_arrays_on_different_devices_are_refused_before_donation(rng, layer):
     cpus = jax.devices("cpu")
     moved = [jax.device_put(x, cpus[1]) if k == 3 else jax.device_put(x, cpus[0])
              for k, x in enumerate(layer)]
-    with pytest.raises(ValueError, match="w2_weight_scale is on .* the same device"):
-        jax_nvfp4.prepare_layer(*moved)
-    _assert_alive(moved)
+    _assert_refused(moved, ValueError, "w2_weight_scale is on .* the same device")
 
 
 def test_wrapped_arrays_are_refused_naming_the_way_out(rng):
