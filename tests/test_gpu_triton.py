@@ -40,8 +40,9 @@ def test_auto_picks_triton_on_cuda_where_xla_would_move_bytes(rng):
             "triton" if options.current().auto_picks_triton else "xla")
         job = _prepare.plan_job(layer, gated=True, donate=False, backend="auto",
                                 chunk_bytes=None, inverse=False)
-        assert job.program is _prepare.compiled(job.spec, inverse=False, donate=False,
-                                                chunks=job.chunks, pallas=True)
+        assert job.program is _prepare.compiled(  # the backend and route the job chose
+            job.spec, inverse=False, donate=False, chunks=job.chunks, backend=job.backend,
+            pallas=True, via=_triton.route() if job.backend == "triton" else None)
         job = _prepare.plan_job(layer, gated=True, donate=True, backend="auto",
                                 chunk_bytes=None, inverse=False)  # in place, w13 in one pass
         assert job.program is _prepare.compiled(job.spec, inverse=False, donate=True,
