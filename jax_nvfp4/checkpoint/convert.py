@@ -2,7 +2,7 @@
 
 Each decoder layer becomes one output shard: its MoE layers read and put into
 the kernel's layout on the host by the loader's machinery (else prepared on the
-default device: ``_load.layout_on_host``), its other tensors copied unchanged.
+default device: ``layout_on_host``), its other tensors copied unchanged.
 While a shard is written the next one's tensors are read and laid out
 (:class:`ReadAhead`), so the host holds one layer's output and the next
 layer's at a time. Every layer's scale values are checked before
