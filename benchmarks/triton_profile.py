@@ -98,6 +98,58 @@ def _launches_alone(spec, layer, chunks, res, repeats):
     torch.cuda.empty_cache()
 
 
+# (TILE_WHOLE, WHOLE_MIN_UNITS, WHOLE_WARPS) tried by --tiles: gated w13 in one pass.
+TILES = ((16384, 4, 16), (32768, 8, 16), (32768, 8, 32), (65536, 16, 32), (32768, 16, 32))
+
+
+def tiles_sweep(name, repeats):
+    """The in-place launches alone (CUDA events) for each ``TILES`` setting of the one-pass
+    gated w13 program, each result checked byte for byte against the out-of-place launch."""
+    import torch
+
+    import torch_bridge
+    from jax_nvfp4.backends.triton import tiles
+    e, h, i, gated = bench.SHAPES[name]
+    spec = LayerSpec(e, h, i, gated)
+    layer = random_device_layer(jax.random.key(5), e, h, i, gated=gated)
+    src = [torch_bridge.to_torch(x).view(torch.uint8) for x in layer]
+    want = [torch.empty_like(x) for x in src]
+    stream = torch.cuda.current_stream().cuda_stream
+    dev = src[0].device.index
+    K.run(_triton._plan(spec, None), tensors=None, pointers=[t.data_ptr() for t in (*src, *want)],
+          stream=stream, device=dev)
+    saved = tiles.TILE_WHOLE, tiles.WHOLE_MIN_UNITS, tiles.WHOLE_WARPS
+    rows = []
+    try:
+        for tile, least, nw in TILES:
+            tiles.TILE_WHOLE, tiles.WHOLE_MIN_UNITS, tiles.WHOLE_WARPS = tile, least, nw
+            row = {"shape": name, "tile": tile, "min_units": least, "warps": nw,
+                   "one_pass": _triton.w13_in_one_pass(spec)}
+            chunks = _prepare.experts_per_chunk(spec, None, w13_together=not row["one_pass"])
+            scratch = torch.empty(max(16, _triton.scratch_bytes(spec, chunks)),
+                                  dtype=torch.uint8, device=src[0].device)
+            work = [x.clone() for x in src]
+            plan = _triton._plan(spec, chunks)
+            ptrs = [t.data_ptr() for t in (*work, scratch)]
+            K.run(plan, tensors=None, pointers=ptrs, stream=stream, device=dev)
+            torch.cuda.synchronize()
+            row["bit_exact"] = all(torch.equal(a, b) for a, b in zip(work, want))
+            row["inplace_ms"] = _events_ms(
+                lambda: K.run(plan, tensors=None, pointers=ptrs, stream=stream, device=dev),
+                repeats)  # (re-permutes each time: same work, other bytes)
+            row["launches"] = len(plan)
+            print("tiles", json.dumps(row), flush=True)
+            rows.append(row)
+            del work, scratch
+    finally:
+        tiles.TILE_WHOLE, tiles.WHOLE_MIN_UNITS, tiles.WHOLE_WARPS = saved
+    copy = [torch.empty_like(x) for x in src]
+    rows.append({"shape": name, "copy_layer_ms": _events_ms(
+        lambda: [d.copy_(s) for s, d in zip(src, copy)], repeats)})
+    print("tiles", json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _routes():
     return ["callback"] + (["xla"] if _triton.jax_triton_missing() is None else [])
 
@@ -174,15 +226,19 @@ def main(argv=None) -> int:
                    help=f"a bench shape, repeatable (default: {', '.join(DEFAULT_SHAPES)})")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--tiles", action="store_true",
+                   help="only sweep the one-pass tile of gated w13 in place (TILES)")
     a = p.parse_args(argv)
     why = missing()
     if why:
         print(f"triton_profile.py: {why}", file=sys.stderr)
         return 2
     device = jax.devices()[0]
+    shapes = a.shape or DEFAULT_SHAPES
+    rows = ([r for n in shapes for r in tiles_sweep(n, a.repeats)] if a.tiles
+            else [profile(n, a.repeats) for n in shapes])
     out = {"device": device.device_kind, "versions": bench.versions(), "commit": bench.commit(),
-           "routes": _routes(),
-           "rows": [profile(n, a.repeats) for n in a.shape or DEFAULT_SHAPES]}
+           "routes": _routes(), "rows": rows}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)

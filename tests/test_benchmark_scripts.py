@@ -84,3 +84,14 @@ def test_sharded_small_run_is_exact_and_reports_every_device_count(tmp_path):
         assert len(r["peak_extra_bytes"]) == r["devices"] and len(r["prepare_s"]) == 2
         # chunks, not a copy of the shard (one chunk on GPU; CPU moves float8 as float16)
         assert 0 < r["xla_scratch_bytes"] < r["bytes_per_device"] / 3
+
+
+@pytest.mark.gpu
+def test_triton_profile_tiles_sweep_is_bit_exact(tmp_path):
+    out = tmp_path / "tiles.json"
+    assert _load("triton_profile.py").main(["--shape", "qwen3-30b-a3b-tp8", "--tiles",
+                                            "--repeats", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    swept = [r for r in rows if "tile" in r]
+    assert len(swept) == len(_load("triton_profile.py").TILES)
+    assert all(r["bit_exact"] and r["inplace_ms"] > 0 for r in swept)

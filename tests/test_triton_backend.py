@@ -35,7 +35,11 @@ interpreted = pytest.mark.skipif(
     (3, 128, 256, False, None),      # not gated: every array in one pass, in place
     (2, 256, 96, True, None),        # I padded to 128 (out of place)
     (2, 384, 80, False, None),       # not gated, I padded to 128
-    (4, 128, 1024, True, 1 << 16),   # w13 rows wider than one block of columns
+    (4, 128, 1024, True, 1 << 16),   # 2I = 2048 in one pass, rows wider than a block
+    (3, 128, 192, True, 40000),      # 2I = 384 in one pass (512 lanes, 128 masked)
+    (2, 128, 2560, True, 1 << 16),   # 2I = 5120: w13 through scratch, 2 chunks
+    (2, 192, 64, True, None),        # H padded to 256: every array read unpadded
+    (3, 320, 128, False, None),      # not gated, H padded to 384
 ])
 @pytest.mark.parametrize("donate", [True, False])
 def test_triton_backend_is_bit_exact(rng, e, h, i, gated, chunk_bytes, donate):
@@ -52,10 +56,9 @@ def test_triton_backend_is_bit_exact(rng, e, h, i, gated, chunk_bytes, donate):
     spec = LayerSpec(e, h, i, gated, hidden_alignment=128)
     if donate and not spec.needs_padding:
         assert [x.unsafe_buffer_pointer() for x in out] == pointers, "not in place"
-    back = jax_nvfp4.unprepare_layer(*out, gated=gated, backend="triton")
-    for name, g, w in zip(NAMES, back,
-                          _reference._pad_i(*layer, i, spec.padded_i, gated)
-                          if spec.needs_padding else layer):
+    back = jax_nvfp4.unprepare_layer(*out, gated=gated, backend="triton", hidden_size=h,
+                                     intermediate_size=i)
+    for name, g, w in zip(NAMES, back, layer):
         assert_bytes_equal(g, w, f"round trip {name}")
 
 
@@ -97,12 +100,12 @@ def test_auto_takes_triton_for_large_arrays_and_one_pass_in_place():
     assert not _backends.auto_takes_triton(tp8, donate=True, inverse=True)
 
 
-def test_w13_moves_in_one_pass_up_to_1024_rows():
+def test_w13_moves_in_one_pass_up_to_4096_rows():
     assert _triton.w13_in_one_pass(LayerSpec(256, 7168, 256, True))     # DeepSeek-V3 TP8
-    assert _triton.w13_in_one_pass(LayerSpec(8, 2048, 512, True))       # 2I = 1024
-    assert not _triton.w13_in_one_pass(LayerSpec(256, 7168, 2048, True))  # 4096 rows
-    assert not _triton.w13_in_one_pass(LayerSpec(128, 2048, 768, True))   # 1536: not 2**k
-    assert not _triton.w13_in_one_pass(LayerSpec(8, 256, 128, False))     # not gated
+    assert _triton.w13_in_one_pass(LayerSpec(128, 2048, 768, True))     # 1536 in 2048 lanes
+    assert _triton.w13_in_one_pass(LayerSpec(256, 7168, 2048, True))    # 4096: DeepSeek-V3
+    assert not _triton.w13_in_one_pass(LayerSpec(8, 256, 2080, True))   # 4160 rows
+    assert not _triton.w13_in_one_pass(LayerSpec(8, 256, 128, False))   # not gated
 
 
 def test_triton_on_cpu_without_the_interpreter_is_refused_before_donation(rng, monkeypatch):

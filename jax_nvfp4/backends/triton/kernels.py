@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import TILE_WHOLE, whole_rows_fit
+from . import tiles
 
 
 @triton.jit
@@ -51,26 +51,63 @@ def _place(pid, ROWS: tl.constexpr, COLS: tl.constexpr, BCOLS: tl.constexpr, N: 
 
 
 @triton.jit
+def _source(src, e, row, k, HALF: tl.constexpr, SHALF: tl.constexpr, HALVES: tl.constexpr,
+            K: tl.constexpr, SK: tl.constexpr):
+    # Rows ``row`` (of the padded array: HALVES halves of HALF rows) x columns ``k`` (of K
+    # units) of expert ``e``, read from the unpadded source (halves of SHALF rows, SK
+    # units a row): zeros where the padding is, as vLLM pads before the layout.
+    if SHALF == HALF and SK == K:
+        return tl.load(src + e.to(tl.int64) * (HALVES * HALF * K) + row.to(tl.int64)[:, None] * K
+                       + k[None, :], mask=(k < K)[None, :])
+    h = row // HALF
+    x = row % HALF
+    off = e.to(tl.int64) * (HALVES * SHALF * SK) + (h * SHALF + x).to(tl.int64)[:, None] * SK \
+        + k[None, :]
+    return tl.load(src + off, mask=(x < SHALF)[:, None] & (k < SK)[None, :], other=0)
+
+
+@triton.jit
 def _rows(src, dst, pid, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-          NG: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
+          NG: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr, SHALF: tl.constexpr,
+          SK: tl.constexpr):
     # One program: NG shuffle groups (32 destination rows each) x BK units of one expert.
     e, q, r, k = _place(pid, ROWS, K, BK, NG, 32)
     if GATED:  # destination row 32q + 16j + 8h + u <- source h * I + 16q + 2u + j
         src_row = ((r // 8) % 2) * (ROWS // 2) + 16 * q + 2 * (r % 8) + r // 16
     else:  # destination row 32q + 8b + c <- source 32q + 4c + b
         src_row = 32 * q + 4 * (r % 8) + r // 8
-    base = e.to(tl.int64) * (ROWS * K)
-    mask = (k < K)[None, :]
-    x = tl.load(src + base + src_row.to(tl.int64)[:, None] * K + k[None, :], mask=mask)
+    x = _source(src, e, src_row, k, ROWS // 2 if GATED else ROWS, SHALF, 2 if GATED else 1,
+                K, SK)
     if IN_PLACE:
         tl.debug_barrier()  # every read of the groups before any write
     dst_row = 32 * q + r
-    tl.store(dst + base + dst_row.to(tl.int64)[:, None] * K + k[None, :], x, mask=mask)
+    tl.store(dst + e.to(tl.int64) * (ROWS * K) + dst_row.to(tl.int64)[:, None] * K + k[None, :],
+             x, mask=(k < K)[None, :])
+
+
+@triton.jit
+def _whole(buf, pid, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
+    # Gated w13 in place: one program holds every row of one expert (ROWS, in RP lanes, a
+    # power of two) for BK units, the interleave's only closed set, and writes it back
+    # permuted: one pass over w13.
+    ncb: tl.constexpr = (K + BK - 1) // BK
+    e = pid // ncb
+    k = (pid % ncb) * BK + tl.arange(0, BK)
+    d = tl.arange(0, RP)
+    q = d // 32
+    r = d % 32
+    src_row = ((r // 8) % 2) * (ROWS // 2) + 16 * q + 2 * (r % 8) + r // 16
+    base = buf + e.to(tl.int64) * (ROWS * K)
+    mask = (d < ROWS)[:, None] & (k < K)[None, :]
+    x = tl.load(base + src_row.to(tl.int64)[:, None] * K + k[None, :], mask=mask)
+    tl.debug_barrier()  # every read of the strip before any write
+    tl.store(base + d.to(tl.int64)[:, None] * K + k[None, :], x, mask=mask)
 
 
 @triton.jit
 def _scales(src, dst, pid, ROWS: tl.constexpr, CU: tl.constexpr, BC: tl.constexpr,
-            NT: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
+            NT: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr, SHALF: tl.constexpr,
+            SCU: tl.constexpr):
     # One program: NT swizzle tiles (128 rows each) x BC units of one expert. t: the place
     # in the tile's 128 x 4 block, (b, c, a0) or (j, h, u, q0).
     e, a, t, cu = _place(pid, ROWS, CU, BC, NT, 128)
@@ -79,14 +116,13 @@ def _scales(src, dst, pid, ROWS: tl.constexpr, CU: tl.constexpr, BC: tl.constexp
             + t // 64
     else:  # t = 32b + 4c + a0 <- source row 128a + 32a0 + 4c + b
         src_row = 128 * a + 32 * (t % 4) + 4 * ((t // 4) % 8) + t // 32
-    base = e.to(tl.int64) * (ROWS * CU)
-    mask = (cu < CU)[None, :]
-    x = tl.load(src + base + src_row.to(tl.int64)[:, None] * CU + cu[None, :], mask=mask)
+    x = _source(src, e, src_row, cu, ROWS // 2 if GATED else ROWS, SHALF, 2 if GATED else 1,
+                CU, SCU)
     if IN_PLACE:
         tl.debug_barrier()
-    dst_off = base + a.to(tl.int64)[:, None] * (128 * CU) + cu[None, :].to(tl.int64) * 128 \
-        + t[:, None]
-    tl.store(dst + dst_off, x, mask=mask)
+    dst_off = e.to(tl.int64) * (ROWS * CU) + a.to(tl.int64)[:, None] * (128 * CU) \
+        + cu[None, :].to(tl.int64) * 128 + t[:, None]
+    tl.store(dst + dst_off, x, mask=(cu < CU)[None, :])
 
 
 @triton.jit
@@ -99,11 +135,14 @@ def _copy(src, dst, pid, N: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _segment(src, dst, pid, KIND: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
-             C: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr):
+             C: tl.constexpr, D: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
+             S: tl.constexpr, T: tl.constexpr):
     if KIND == 0:
-        _rows(src, dst, pid, A, B, C, D, GATED, IN_PLACE)
+        _rows(src, dst, pid, A, B, C, D, G, P, S, T)
     elif KIND == 1:
-        _scales(src, dst, pid, A, B, C, D, GATED, IN_PLACE)
+        _scales(src, dst, pid, A, B, C, D, G, P, S, T)
+    elif KIND == 3:
+        _whole(dst, pid, A, B, C, D)
     else:
         _copy(src, dst, pid, A, B)
 
@@ -112,29 +151,33 @@ def _segment(src, dst, pid, KIND: tl.constexpr, A: tl.constexpr, B: tl.constexpr
 def _layer_kernel(s0, d0, s1, d1, s2, d2, s3, d3,
                   N0: tl.constexpr, KIND0: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr,
                   C0: tl.constexpr, D0: tl.constexpr, G0: tl.constexpr, P0: tl.constexpr,
+                  S0: tl.constexpr, T0: tl.constexpr,
                   N1: tl.constexpr, KIND1: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
                   C1: tl.constexpr, D1: tl.constexpr, G1: tl.constexpr, P1: tl.constexpr,
+                  S1: tl.constexpr, T1: tl.constexpr,
                   N2: tl.constexpr, KIND2: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr,
                   C2: tl.constexpr, D2: tl.constexpr, G2: tl.constexpr, P2: tl.constexpr,
+                  S2: tl.constexpr, T2: tl.constexpr,
                   N3: tl.constexpr, KIND3: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr,
-                  C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr):
+                  C3: tl.constexpr, D3: tl.constexpr, G3: tl.constexpr, P3: tl.constexpr,
+                  S3: tl.constexpr, T3: tl.constexpr):
     # Program ids [0, N0) run segment 0, the next N1 segment 1, and so on.
     pid = tl.program_id(0)
     if N0 > 0:
         if pid < N0:
-            _segment(s0, d0, pid, KIND0, A0, B0, C0, D0, G0, P0)
+            _segment(s0, d0, pid, KIND0, A0, B0, C0, D0, G0, P0, S0, T0)
     if N1 > 0:
         if (pid >= N0) & (pid < N0 + N1):
-            _segment(s1, d1, pid - N0, KIND1, A1, B1, C1, D1, G1, P1)
+            _segment(s1, d1, pid - N0, KIND1, A1, B1, C1, D1, G1, P1, S1, T1)
     if N2 > 0:
         if (pid >= N0 + N1) & (pid < N0 + N1 + N2):
-            _segment(s2, d2, pid - N0 - N1, KIND2, A2, B2, C2, D2, G2, P2)
+            _segment(s2, d2, pid - N0 - N1, KIND2, A2, B2, C2, D2, G2, P2, S2, T2)
     if N3 > 0:
         if pid >= N0 + N1 + N2:
-            _segment(s3, d3, pid - N0 - N1 - N2, KIND3, A3, B3, C3, D3, G3, P3)
+            _segment(s3, d3, pid - N0 - N1 - N2, KIND3, A3, B3, C3, D3, G3, P3, S3, T3)
 
 
-ROWS, SCALES, COPY = 0, 1, 2
+ROWS, SCALES, COPY, WHOLE = 0, 1, 2, 3
 # Units (4 bytes) a program moves at most: small rows are batched into larger programs.
 TILE_UNITS = 8192
 COPY_BLOCK = 8192
@@ -163,18 +206,35 @@ def _block(k: int, most: int) -> int:
     return d if d >= min(32, most) or d == k else min(most, triton.next_power_of_2(k))
 
 
+def warps(units: int) -> int:
+    """Warps of a program that moves ``units`` four-byte units."""
+    return 16 if units >= 16384 else 8 if units >= 8192 else 4
+
+
 class Segment:
     """One array's (or chunk's) work in a launch: ``programs`` programs of ``kind`` from
     buffer ``src`` to ``dst`` (indices into the call's buffers) at byte offsets."""
 
-    def __init__(self, kind, programs, consts, units, src, dst, src_off=0, dst_off=0):
-        self.kind, self.programs, self.consts = kind, programs, consts  # (A, B, C, D, G, P)
-        self.warps = 16 if units >= 16384 else 8 if units >= 8192 else 4
+    def __init__(self, kind, programs, consts, units, src, dst, src_off=0, dst_off=0,
+                 num_warps=None):
+        self.kind, self.programs = kind, programs
+        self.consts = consts  # (A, B, C, D, G, P, S, T): see _segment
+        self.warps = num_warps or warps(units)
         self.src, self.dst, self.src_off, self.dst_off = src, dst, src_off, dst_off
 
 
-def rows(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None):
-    """Moving the rows of ``experts`` experts of a ``[E, rows, K]`` byte array.
+def _source_geometry(shape, source, *, gated):
+    """``(SHALF, SK)``: rows per half (gated) or rows, and 4-byte units per row, of the
+    unpadded ``source`` of a padded ``shape`` (``source=None``: not padded)."""
+    e, r, k = source or shape
+    assert k % 4 == 0, f"a row of {k} bytes cannot be read in 4-byte units"
+    return (r // 2 if gated else r), k // 4
+
+
+def rows(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None,
+         source=None):
+    """Moving the rows of ``experts`` experts of a ``[E, rows, K]`` byte array (out of
+    place: read from ``source``, its unpadded shape, where it is padded).
 
     Gated and in place, a program holds all of an expert's rows for its block of
     columns (the interleave's only closed set): ``tiles.w13_in_one_pass`` says when.
@@ -183,17 +243,22 @@ def rows(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=
     e = e if experts is None else experts
     ku = k // 4
     if in_place and gated:
-        assert whole_rows_fit(r), "gated rows cannot move in place"
-        bk, ng = _block(ku, TILE_WHOLE // r), r // 32
-    else:
-        bk = _block(ku, 256)
-        ng = _batch(r // 32, 32 * bk)
+        assert tiles.whole_rows_fit(r) and source is None, "gated rows cannot move in place"
+        rp = tiles.whole_rows(r)
+        bk = max(tiles.WHOLE_MIN_UNITS, _block(ku, tiles.TILE_WHOLE // rp))
+        return Segment(WHOLE, e * triton.cdiv(ku, bk), (r, ku, bk, rp, True, True, 0, 0),
+                       rp * bk, src, dst, src_off, dst_off, num_warps=tiles.WHOLE_WARPS)
+    bk = _block(ku, 256)
+    ng = _batch(r // 32, 32 * bk)
     return Segment(ROWS, e * (r // (32 * ng)) * triton.cdiv(ku, bk),
-                   (r, ku, bk, ng, gated, in_place), 32 * ng * bk, src, dst, src_off, dst_off)
+                   (r, ku, bk, ng, gated, in_place, *_source_geometry(shape, source, gated=gated)),
+                   32 * ng * bk, src, dst, src_off, dst_off)
 
 
-def scales(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None):
-    """Permuting the rows and swizzling ``experts`` experts of ``[E, rows, C]`` scales."""
+def scales(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None,
+           source=None):
+    """Permuting the rows and swizzling ``experts`` experts of ``[E, rows, C]`` scales (out
+    of place: read from ``source``, their unpadded shape, where they are padded)."""
     e, r, c = shape
     e = e if experts is None else experts
     assert not (in_place and gated), "gated scales cannot move in place"
@@ -202,30 +267,35 @@ def scales(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, expert
     bc = triton.next_power_of_2(cu) if in_place else _block(cu, 16)
     nt = _batch(r // 128, 128 * bc)
     return Segment(SCALES, e * (r // (128 * nt)) * triton.cdiv(cu, bc),
-                   (r, cu, bc, nt, gated, in_place), 128 * nt * bc, src, dst, src_off, dst_off)
+                   (r, cu, bc, nt, gated, in_place, *_source_geometry(shape, source, gated=gated)),
+                   128 * nt * bc, src, dst, src_off, dst_off)
 
 
 def copy(nbytes, *, src, dst, src_off=0, dst_off=0):
     """``nbytes`` (a multiple of 4) copied from ``src`` to ``dst``."""
     n = nbytes // 4
-    return Segment(COPY, triton.cdiv(n, COPY_BLOCK), (n, COPY_BLOCK, 0, 0, False, False),
+    return Segment(COPY, triton.cdiv(n, COPY_BLOCK), (n, COPY_BLOCK, 0, 0, False, False, 0, 0),
                    COPY_BLOCK, src, dst, src_off, dst_off)
 
 
-def layer_launches(shapes, *, gated: bool, chunk=None, w13_one_pass: bool = False):
+def layer_launches(shapes, *, gated: bool, chunk=None, w13_one_pass: bool = False,
+                   sources=None):
     """Every launch (a tuple of segments) that prepares one layer of padded ``shapes``.
 
     Buffers: out of place (``chunk=None``) 0-3 are the sources and 4-7 the
-    destinations; in place 0-3 are the arrays and 4 the scratch, which holds
-    ``chunk`` experts of gated w13 and then of their scales, or of the scales alone
-    with ``w13_one_pass`` (``tiles.scratch_bytes``). In place, the arrays that move
-    in one pass run beside the first chunk.
+    destinations; ``sources``: the shapes the sources have (unpadded: the padding is
+    written as zeros on the way; default ``shapes``). In place 0-3 are the arrays and 4
+    the scratch, which holds ``chunk`` experts of gated w13 and then of their scales, or
+    of the scales alone with ``w13_one_pass`` (``tiles.scratch_bytes``). In place, the
+    arrays that move in one pass run beside the first chunk.
     """
     if chunk is None:
-        return [(rows(shapes[0], gated=gated, in_place=False, src=0, dst=4),
-                 scales(shapes[1], gated=gated, in_place=False, src=1, dst=5),
-                 rows(shapes[2], gated=False, in_place=False, src=2, dst=6),
-                 scales(shapes[3], gated=False, in_place=False, src=3, dst=7))]
+        src = [None if s is None or tuple(s) == tuple(p) else tuple(s)
+               for s, p in zip(sources or shapes, shapes)]
+        return [(rows(shapes[0], gated=gated, in_place=False, src=0, dst=4, source=src[0]),
+                 scales(shapes[1], gated=gated, in_place=False, src=1, dst=5, source=src[1]),
+                 rows(shapes[2], gated=False, in_place=False, src=2, dst=6, source=src[2]),
+                 scales(shapes[3], gated=False, in_place=False, src=3, dst=7, source=src[3]))]
     tail = (rows(shapes[2], gated=False, in_place=True, src=2, dst=2),
             scales(shapes[3], gated=False, in_place=True, src=3, dst=3))
     if not gated:
@@ -257,8 +327,8 @@ def _consts(launch) -> dict:
     for i in range(SEGMENTS):
         seg = launch[i] if i < len(launch) else None
         values = (seg.programs, seg.kind, *seg.consts) if seg else (0, COPY, 0, 128, 0, 0,
-                                                                     False, False)
-        for name, v in zip(("N", "KIND", "A", "B", "C", "D", "G", "P"), values):
+                                                                     False, False, 0, 0)
+        for name, v in zip(("N", "KIND", "A", "B", "C", "D", "G", "P", "S", "T"), values):
             out[f"{name}{i}"] = v
     return out
 

@@ -112,8 +112,10 @@ def _pointer(buffer) -> int:
 
 
 def layer_program(spec: LayerSpec, *, chunks, via: str = "callback"):
-    """The pure function of the four arrays that prepares one layer (padded first, in XLA,
-    where ``spec`` needs it).
+    """The pure function of the four arrays that prepares one layer. A padded layer moves
+    out of place in one pass, its padding written as zeros by the kernels (by XLA first
+    for an array whose rows are not whole 4-byte units, e.g. I/16 scale bytes not a
+    multiple of 4).
 
     ``chunks=None``: out of place, one pass per array. Otherwise in place: outputs
     aliased to the inputs (reused when donated), with one chunk of scratch.
@@ -132,6 +134,7 @@ def layer_program(spec: LayerSpec, *, chunks, via: str = "callback"):
     extra = scratch_bytes(spec, chunks) if in_place else 0
     # Every launch is planned here, at trace time; the callback only launches.
     launches = _plan(spec, chunks if in_place else None)
+    pads = _pads(spec)
 
     def callback(ctx, outs, *ins):
         buffers = outs if in_place else (*ins, *outs)
@@ -145,8 +148,8 @@ def layer_program(spec: LayerSpec, *, chunks, via: str = "callback"):
             k.run(launches, tensors=tensors)
 
     def program(*arrays):
-        arrays = [p(x) for p, x in zip(steps.pads(spec), arrays)]
-        shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
+        arrays = [p(x) for p, x in zip(pads, arrays)]
+        shapes = _results(spec, arrays)
         if extra:
             shapes.append(jax.ShapeDtypeStruct((extra,), jnp.uint8))
         call = buffer_callback(callback, shapes,
@@ -156,13 +159,35 @@ def layer_program(spec: LayerSpec, *, chunks, via: str = "callback"):
     return program
 
 
+def _read_unpadded(spec: LayerSpec) -> tuple[bool, ...]:
+    """Per array, whether the kernels read it unpadded and write its padding as zeros on
+    the way (one pass): where it is padded and its rows are whole 4-byte units (else XLA
+    pads it first). Only out of place: a padded layer never moves in place."""
+    return tuple(raw != padded and raw[2] % 4 == 0
+                 for raw, padded in zip(spec.shapes(padded=False), spec.shapes(padded=True)))
+
+
+def _pads(spec: LayerSpec):
+    """What XLA does to each array before the kernels: pad it, unless they read it unpadded."""
+    return tuple((lambda x: x) if unpadded else pad
+                 for unpadded, pad in zip(_read_unpadded(spec), steps.pads(spec)))
+
+
+def _results(spec: LayerSpec, arrays):
+    """The four results: the padded shapes, the arrays' dtypes."""
+    return [jax.ShapeDtypeStruct(s, x.dtype) for s, x in zip(spec.shapes(padded=True), arrays)]
+
+
 def _plan(spec: LayerSpec, chunks):
     from . import kernels as k
 
     one_pass = w13_in_one_pass(spec)
+    sources = [raw if unpadded else padded for raw, padded, unpadded in zip(
+        spec.shapes(padded=False), spec.shapes(padded=True), _read_unpadded(spec))]
     return k.plan(k.layer_launches(
         spec.shapes(padded=True), gated=spec.gated, w13_one_pass=one_pass,
-        chunk=None if chunks is None else chunks[1] if one_pass else chunks[0]))
+        chunk=None if chunks is None else chunks[1] if one_pass else chunks[0],
+        sources=sources))
 
 
 def _xla_program(spec: LayerSpec, *, chunks):
@@ -180,6 +205,7 @@ def _xla_program(spec: LayerSpec, *, chunks):
     in_place = chunks is not None
     extra = scratch_bytes(spec, chunks) if in_place else 0
     launches = _plan(spec, chunks)
+    pads = _pads(spec)
 
     def call(launch, operands, results, aliases, places):
         offsets, consts = k.xla_call_args(launch, places)
@@ -189,8 +215,8 @@ def _xla_program(spec: LayerSpec, *, chunks):
         return list(out)
 
     def program(*arrays):
-        arrays = [p(x) for p, x in zip(steps.pads(spec), arrays)]
-        shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
+        arrays = [p(x) for p, x in zip(pads, arrays)]
+        shapes = _results(spec, arrays)
         if not in_place:  # one launch: buffers 0-3 the sources, 4-7 the results
             (launch,) = launches
             return tuple(call(launch, arrays, shapes, {}, list(range(8))))

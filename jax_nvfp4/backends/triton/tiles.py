@@ -9,16 +9,23 @@ import math
 from ...layout.spec import LayerSpec
 
 # Gated w13 moves in place in one pass where one program holds all of an expert's rows
-# for a block of at least WHOLE_MIN_UNITS four-byte columns, TILE_WHOLE units in all:
-# 2I a power of two up to 1024 (TP shards). Larger, its rows go through scratch.
-TILE_WHOLE = 16384
-WHOLE_MIN_UNITS = 16
+# (rounded up to a power of two, the extra lanes masked) for a block of at least
+# WHOLE_MIN_UNITS four-byte columns, TILE_WHOLE units in all: 2I up to 4096 (DeepSeek-V3,
+# Kimi-K2; 32 bytes of each row per program). Larger, its rows go through scratch.
+TILE_WHOLE = 32768
+WHOLE_MIN_UNITS = 8
+WHOLE_WARPS = 16
+
+
+def whole_rows(rows: int) -> int:
+    """The lanes a one-pass program gives ``rows`` rows: the next power of two."""
+    return 1 << max(0, rows - 1).bit_length()
 
 
 def whole_rows_fit(rows: int) -> bool:
     """Whether one program can hold all ``rows`` rows of an expert (gated w13 in place):
-    ``rows`` a power of two with at least ``WHOLE_MIN_UNITS`` columns in a tile."""
-    return rows & (rows - 1) == 0 and TILE_WHOLE // rows >= WHOLE_MIN_UNITS
+    at least ``WHOLE_MIN_UNITS`` columns of them in a tile."""
+    return whole_rows(rows) * WHOLE_MIN_UNITS <= TILE_WHOLE
 
 
 def w13_in_one_pass(spec: LayerSpec) -> bool:
