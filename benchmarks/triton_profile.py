@@ -111,6 +111,8 @@ def tiles_sweep(name, repeats):
     from jax_nvfp4.backends.triton import tiles
     e, h, i, gated = bench.SHAPES[name]
     spec = LayerSpec(e, h, i, gated)
+    if spec.needs_padding:
+        raise SystemExit(f"{name}: a padded layer never moves in place; sweep an unpadded shape")
     layer = random_device_layer(jax.random.key(5), e, h, i, gated=gated)
     src = [torch_bridge.to_torch(x).view(torch.uint8) for x in layer]
     want = [torch.empty_like(x) for x in src]
@@ -147,6 +149,8 @@ def tiles_sweep(name, repeats):
     rows.append({"shape": name, "copy_layer_ms": _events_ms(
         lambda: [d.copy_(s) for s, d in zip(src, copy)], repeats)})
     print("tiles", json.dumps(rows[-1]), flush=True)
+    del src, want, copy, layer
+    torch.cuda.empty_cache()  # the next shape's random layer is drawn by XLA
     return rows
 
 

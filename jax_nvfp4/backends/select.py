@@ -83,12 +83,14 @@ def auto_takes_triton(spec: LayerSpec, *, donate: bool, inverse: bool = False,
         # Nemotron-3-Nano (720 MB): triton 1.93 [1.33] vs xla 2.28 [1.69], donated or not;
         # Qwen3-30B TP8 (40 MB): xla 0.63 [0.134] vs triton 0.69 [0.142] donated.
         return large
-    if donate and w13_in_one_pass(spec):  # in place, w13 in one pass (2I <= 1024):
+    if donate and w13_in_one_pass(spec):  # in place, w13 in one pass (2I <= 2048):
         # DeepSeek-V3 TP8 (756 MB) donated: triton 4.17 [0.571] vs xla 4.85 [0.852];
+        # Qwen3-30B-A3B (2I = 1536, 2048 lanes) in-place launches 0.277 ms one pass
+        # (h200-2026-12-03-4bfecaf-triton-tiles.log) vs xla [0.377];
         # tiny (8, 256, 128; 1.3 MiB): xla 3.15 [0.055] vs triton 4.00 [0.141].
         return large
-    # Qwen3-30B-A3B (2I = 1536: w13 through scratch): donated [0.377] xla vs [0.394] triton,
-    # not donated [0.202] vs [0.274]; DeepSeek-V3 TP8 not donated [0.449] vs [0.484].
+    # Not donated: Qwen3-30B-A3B [0.202] xla vs [0.274] triton; DeepSeek-V3 TP8 [0.449]
+    # vs [0.484].
     return False
 
 

@@ -10,9 +10,14 @@ from ...layout.spec import LayerSpec
 
 # Gated w13 moves in place in one pass where one program holds all of an expert's rows
 # (rounded up to a power of two, the extra lanes masked) for a block of at least
-# WHOLE_MIN_UNITS four-byte columns, TILE_WHOLE units in all: 2I up to 4096 (DeepSeek-V3,
-# Kimi-K2; 32 bytes of each row per program). Larger, its rows go through scratch.
-TILE_WHOLE = 32768
+# WHOLE_MIN_UNITS four-byte columns, TILE_WHOLE units in all: 2I up to 2048. Larger, its
+# rows go through scratch (two passes). Measured on an H200, in-place launches alone
+# (benchmarks/results/h200-2026-12-03-4bfecaf-triton-tiles.log; copy of the layer in
+# brackets): DeepSeek-V3 TP8 (512 rows) 0.488 ms at 16384 units, 0.544 at 32768 [0.387];
+# Qwen3-30B-A3B (1536 rows in 2048 lanes) 0.277 one pass vs 0.328 through scratch [0.18];
+# DeepSeek-V3 (4096 rows) one pass 5.47 ms (32768 units, 32 bytes a row), 6.72 (16384),
+# 5.77 (65536, 32 warps) vs 5.43 through scratch [3.02]: no gain, so 4096 rows keep scratch.
+TILE_WHOLE = 16384
 WHOLE_MIN_UNITS = 8
 WHOLE_WARPS = 16
 
