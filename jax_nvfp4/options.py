@@ -63,6 +63,11 @@ class Options:
         by the rule of ``checkpoint.load.layout_on_host`` (on the host when the layer stays
         there or goes to CPU devices, else ``prepare_layer`` on its devices), True or False
         always or never on the host (``bench-io --layout`` measures both).
+    one_array_min_bytes : int
+        Padded layers (per device) from which ``donate=True`` prepares one array after
+        another, each input deleted once its result is dispatched: the transient is then
+        about the largest array rather than the whole layer (a padded layer cannot move in
+        place: every shape grows). Below it, one program (three dispatches fewer).
     auto_picks_flashinfer : bool
         Whether "auto" may pick flashinfer. Measured on an H100 and an H200
         (benchmarks/DESIGN-RECORD.md): XLA's fused rows + swizzle transpose is faster than the
@@ -83,6 +88,7 @@ class Options:
     auto_picks_triton: bool = True
     auto_picks_flashinfer: bool = False
     host_layout: bool | None = None
+    one_array_min_bytes: int = 64 << 20
 
 
 _DEFAULTS = Options()  # JAX_NVFP4_TRITON_ROUTE read here, once, at import

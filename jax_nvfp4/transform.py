@@ -165,11 +165,63 @@ def compiled(spec: LayerSpec, *, inverse: bool, donate: bool, chunks, backend: s
                      options or _options.current())
 
 
+class OneArrayAtATime:
+    """The program of a padded layer prepared donated: one jitted program per array, run
+    one after another, each input deleted as soon as its result is dispatched, so the
+    allocator reuses its memory for the next result (XLA's stream runs them in order).
+
+    Called on tracers (inside another jit, as the bench's device timer does), the four
+    are one program. ``steps``: the four jitted programs, each of one array.
+    """
+
+    def __init__(self, fns, plan=None):
+        self.fns = tuple(fns if plan is None else
+                         (_sharding.array_map(f, plan, k) for k, f in enumerate(fns)))
+        self.steps = tuple(jax.jit(f) if plan is None else
+                           jax.jit(f, out_shardings=plan.shardings[k])
+                           for k, f in enumerate(self.fns))
+
+    def __call__(self, *arrays):
+        if any(isinstance(x, jax.core.Tracer) for x in arrays):
+            return tuple(f(x) for f, x in zip(self.fns, arrays))
+        outs = []
+        for step, x in zip(self.steps, arrays):
+            outs.append(step(x))
+            if isinstance(x, jax.Array):
+                x.delete()
+        return tuple(outs)
+
+    def transient_bytes(self, *arrays) -> int:
+        """XLA's count of the peak extra device memory over the inputs: at step ``k`` its
+        result and scratch, plus what the results before it grew over their inputs."""
+        peak, grown = 0, 0
+        for step, x in zip(self.steps, arrays):
+            stats = step.lower(x).compile().memory_analysis()
+            out = stats.output_size_in_bytes
+            peak = max(peak, grown + out + stats.temp_size_in_bytes)
+            grown += out - x.nbytes
+        return peak
+
+
+def _array_functions(spec, backend, pallas, via, options):
+    """Per array, the function that prepares it out of place (padded) on ``backend``."""
+    if backend == "triton":
+        return triton.array_programs(spec, via=via or "callback")
+    if backend == "flashinfer":
+        fns = flashinfer.transforms(spec, pallas=pallas, fuse_scales=options.fuse_scales)
+    else:
+        fns = xla.transforms(spec, inverse=False, pallas=pallas, fuse_scales=options.fuse_scales)
+    return tuple(fn for fn, _ in fns)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(spec, inverse, donate, chunks, backend, pallas, plan, crop, via, options):
     # Padding (and cropping it back) changes every shape, so no buffer can be reused:
-    # transform out of place and let the caller delete the inputs.
+    # transform out of place and let the caller delete the inputs (one array at a time).
     in_place = donate and (crop is None if inverse else not spec.needs_padding)
+    if (donate and not inverse and spec.needs_padding
+            and spec.nbytes >= options.one_array_min_bytes):
+        return OneArrayAtATime(_array_functions(spec, backend, pallas, via, options), plan)
     if backend == "triton" and not inverse:
         program = triton.layer_program(spec, chunks=chunks if in_place else None,
                                        via=via or "callback")

@@ -68,7 +68,8 @@ def run(args) -> int:
         print(f"  {name:17s} {str(x.dtype):14s} {list(x.shape)}")
     job = plan_job(layer, gated=spec.gated, donate=True, backend="auto",
                    chunk_bytes=chunk_bytes, inverse=False)
-    scratch = job.program.lower(*layer).compile().memory_analysis().temp_size_in_bytes
+    scratch = (job.program.lower(*layer).compile().memory_analysis().temp_size_in_bytes
+               if in_place else None)
     t0 = time.perf_counter()
     out = jax.block_until_ready(run_job(job))
     warm = time.perf_counter() - t0

@@ -361,11 +361,14 @@ def _jax_row(spec, layer, ref, repeats, device, name, backend, donate):
     job = _prepare.plan_job(layer, gated=spec.gated, donate=donate, backend=backend,
                             chunk_bytes=None, inverse=False)
     resolved = job.backend
-    stats = job.program.lower(*layer).compile().memory_analysis()
+    if isinstance(job.program, _prepare.OneArrayAtATime):  # padded, donated
+        analysed = job.program.transient_bytes(*layer)
+    else:
+        stats = job.program.lower(*layer).compile().memory_analysis()
+        analysed = stats.temp_size_in_bytes + stats.output_size_in_bytes \
+            - stats.alias_size_in_bytes
     gpu_ms = device_time(job.program, donate, make, repeats)
     del job
-    analysed = stats.temp_size_in_bytes + stats.output_size_in_bytes \
-        - stats.alias_size_in_bytes
     impl = f"jax_nvfp4 {name} {'donated' if donate else 'not donated'}"
     if backend == "auto":
         impl += f" (-> {resolved})"

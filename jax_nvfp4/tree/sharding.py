@@ -157,3 +157,10 @@ def jit(program, plan: Plan, *, donate: bool):
     mapped = shard_map(program, plan.mesh, in_specs=specs, out_specs=specs)
     return jax.jit(mapped, out_shardings=plan.shardings,
                    donate_argnums=(0, 1, 2, 3) if donate else ())
+
+
+def array_map(fn, plan: Plan, k: int):
+    """``fn`` (of the ``k``-th local array alone) mapped over the plan's mesh: each
+    device runs it on its own shard of array ``k``; the result keeps that sharding."""
+    spec = plan.shardings[k].spec
+    return shard_map(fn, plan.mesh, in_specs=(spec,), out_specs=spec)

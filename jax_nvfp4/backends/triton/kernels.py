@@ -454,9 +454,9 @@ def _pick(i: tl.constexpr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9):
 
 
 # One kernel per number of buffers a call has (a Triton kernel's parameters are fixed):
-# 8 = four operands + four results (out of place, or in place without scratch), 9 = the
-# first in-place call (its results: the four arrays aliased, then the new scratch),
-# 10 = later in-place calls (four arrays and the scratch, operands aliased to results).
+# 2 = one array out of place (``array_programs``), 8 = four operands + four results (out
+# of place, or in place without scratch), 9 = the first in-place call (its results: the
+# four arrays aliased, then the new scratch), 10 = later in-place calls (four arrays and the scratch, operands aliased to results).
 # Only the parameter lists differ, so each is generated from one template: the offsets,
 # the call's buffers, X0..X7 (which buffer each of _layer_kernel's eight pointers is), then
 # _layer_kernel's constants. The buffers a call lacks are b0 in _pick (never picked).
@@ -483,7 +483,7 @@ def _xla_kernel(n: int):
     return triton.jit(scope[name])
 
 
-XLA_KERNELS = {n: _xla_kernel(n) for n in (8, 9, 10)}
+XLA_KERNELS = {n: _xla_kernel(n) for n in (2, 8, 9, 10)}
 
 
 def xla_call_args(launch: Launch, places) -> tuple[list[int], dict]:

@@ -123,29 +123,13 @@ def layer_program(spec: LayerSpec, *, chunks, via: str = "callback"):
     """
     if via == "xla":
         return _xla_program(spec, chunks=chunks)
-    import torch
     from jax.experimental.buffer_callback import buffer_callback
-
-    from torch_bridge._bridge import torch_bytes
-
-    from . import kernels as k
 
     in_place = chunks is not None
     extra = scratch_bytes(spec, chunks) if in_place else 0
     # Every launch is planned here, at trace time; the callback only launches.
-    launches = _plan(spec, chunks if in_place else None)
+    callback = _callback(_plan(spec, chunks if in_place else None), in_place=in_place)
     pads = _pads(spec)
-
-    def callback(ctx, outs, *ins):
-        buffers = outs if in_place else (*ins, *outs)
-        kind, index = outs[0].__dlpack_device__()
-        tensors = lambda: [torch_bytes(b) for b in buffers]  # noqa: E731
-        if kind == 2:  # kDLCUDA: XLA's stream and device, raw pointers
-            with torch.cuda.device(index):
-                k.run(launches, tensors=tensors, pointers=[_pointer(b) for b in buffers],
-                      stream=ctx.stream, device=index)
-        else:  # Triton's interpreter
-            k.run(launches, tensors=tensors)
 
     def program(*arrays):
         arrays = [p(x) for p, x in zip(pads, arrays)]
@@ -157,6 +141,69 @@ def layer_program(spec: LayerSpec, *, chunks, via: str = "callback"):
         return tuple(call(*arrays)[:4])
 
     return program
+
+
+def array_programs(spec: LayerSpec, *, via: str = "callback"):
+    """Out of place, one function per array: result ``k`` of ``layer_program(spec,
+    chunks=None)`` from input ``k`` alone (the same launch, split by array). For a padded
+    layer prepared donated one array after another, each input freed before the next
+    result is allocated (``transform``)."""
+    import copy
+
+    from . import kernels as k
+
+    (launch,) = _plan(spec, None)
+    out = []
+    for idx, (segment, pad) in enumerate(zip(launch.segments, _pads(spec))):
+        segment = copy.copy(segment)
+        segment.src, segment.dst = 0, 1  # the call's two buffers: its source, its result
+        out.append(_one_array(spec.shapes(padded=True)[idx], k.Launch([segment]), pad, via))
+    return tuple(out)
+
+
+def _one_array(shape, launch, pad, via):
+    if via == "xla":
+        jt = _jax_triton()
+
+        from . import kernels as k
+
+        offsets, consts = k.xla_call_args(launch, [0, 1])
+
+        def program(x):
+            result = jax.ShapeDtypeStruct(shape, x.dtype)
+            return jt.triton_call(*offsets, pad(x), kernel=k.XLA_KERNELS[2], out_shape=[result],
+                                  grid=launch.grid, num_warps=launch.warps,
+                                  name="jax_nvfp4_array", **consts)[0]
+        return program
+    from jax.experimental.buffer_callback import buffer_callback
+
+    callback = _callback([launch], in_place=False)
+
+    def program(x):
+        return buffer_callback(callback, [jax.ShapeDtypeStruct(shape, x.dtype)])(pad(x))[0]
+    return program
+
+
+def _callback(launches, *, in_place: bool):
+    """The ``buffer_callback`` that runs planned ``launches``: on the call's results (in
+    place) or on its operands then results."""
+    import torch
+
+    from torch_bridge._bridge import torch_bytes
+
+    from . import kernels as k
+
+    def callback(ctx, outs, *ins):
+        buffers = outs if in_place else (*ins, *outs)
+        kind, index = outs[0].__dlpack_device__()
+        tensors = lambda: [torch_bytes(b) for b in buffers]  # noqa: E731
+        if kind == 2:  # kDLCUDA: XLA's stream and device, raw pointers
+            with torch.cuda.device(index):
+                k.run(launches, tensors=tensors, pointers=[_pointer(b) for b in buffers],
+                      stream=ctx.stream, device=index)
+        else:  # Triton's interpreter
+            k.run(launches, tensors=tensors)
+    return callback
 
 
 def _read_unpadded(spec: LayerSpec) -> tuple[bool, ...]:
