@@ -216,12 +216,8 @@ def _read_and_lay_out(ckpt: Checkpoint, layer: MoELayer, bufs, e0: int, e1: int,
             np.zeros((per, *s[1:]), np.uint8) if spec.needs_padding else None
             for s in spec.shapes(padded=True)]
     try:
-        flat = [b.reshape(-1) for b in stage[:4]]
-        total = 0
-        for shard, offset, iov in _plan(ckpt, layer, spec.shapes(padded=False),
-                                        range(e0, e1), e0):
-            _preadv(shard, offset, [memoryview(flat[k][d:d + n]) for k, d, n in iov])
-            total += sum(x[2] for x in iov)
+        total = _read_runs(_plan(ckpt, layer, spec.shapes(padded=False), range(e0, e1), e0),
+                           [b.reshape(-1) for b in stage[:4]])
         for k in range(4):
             pad = stage[4 + k][:e1 - e0] if spec.needs_padding else None
             lay_out(stage[k][:e1 - e0], bufs[k][e0:e1], spec, k, padded=pad)
@@ -261,14 +257,16 @@ def lay_out(src: np.ndarray, dst: np.ndarray, spec, k: int, *, padded=None) -> N
 
 def _read(runs, flat: list, progress) -> int:
     """Read ``runs`` (see :func:`_runs`) into the flat uint8 buffers ``flat``."""
-    def run(task):
-        total = 0
-        for shard, offset, iov in task:
-            _preadv(shard, offset, [memoryview(flat[k][d:d + n]) for k, d, n in iov])
-            total += sum(x[2] for x in iov)
-        return total
+    return _submit([functools.partial(_read_runs, t, flat) for t in _tasks(runs)], progress)
 
-    return _submit([functools.partial(run, t) for t in _tasks(runs)], progress)
+
+def _read_runs(task, flat: list) -> int:
+    """Each ``(shard, offset, iov)`` of ``task`` read into ``flat``; the bytes read."""
+    total = 0
+    for shard, offset, iov in task:
+        _preadv(shard, offset, [memoryview(flat[k][d:d + n]) for k, d, n in iov])
+        total += sum(x[2] for x in iov)
+    return total
 
 
 def _submit(fns, progress) -> int:
