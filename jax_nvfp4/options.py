@@ -40,8 +40,8 @@ class Options:
         Weights on CUDA: row permutations as Pallas kernels (16-byte accesses) rather than
         XLA transposes (one byte per thread). benchmarks/DESIGN-RECORD.md.
     triton_min_bytes : int
-        Layers from which the Triton kernels' lower device time pays for the
-        buffer_callback's fixed cost (``backends.select.auto_takes_triton``).
+        Layers (per device) from which ``auto`` may take the Triton kernels: below it their
+        launch costs more than they save (``backends.select.auto_takes_triton``).
     triton_route : {"auto", "xla", "callback"}
         How the Triton kernels are launched on CUDA: "auto" (through XLA where jax-triton
         imports, else from a buffer_callback), "xla" or "callback". Default: the
@@ -81,7 +81,7 @@ class Options:
     unroll: bool = False
     fuse_scales: bool = True
     pallas: bool = True
-    triton_min_bytes: int = 256 << 20
+    triton_min_bytes: int = 16 << 20
     triton_route: str = dataclasses.field(
         default_factory=lambda: os.environ.get("JAX_NVFP4_TRITON_ROUTE", "auto"))
     check_copies: bool | None = None

@@ -83,21 +83,28 @@ def test_in_place_program_needs_one_chunk_of_scratch(gated):
         assert _triton.scratch_bytes(spec, chunks) == 0
 
 
-def test_auto_takes_triton_for_large_arrays_and_one_pass_in_place():
+def test_auto_takes_triton_when_donated_or_padded_xla_for_tiny_layers():
     deepseek, tp8, qwen3, tiny = (LayerSpec(*s, True) for s in (
         (256, 7168, 2048), (256, 7168, 256), (128, 2048, 768), (8, 256, 128)))
+    ep8 = LayerSpec(32, 7168, 2048, True)          # w13 through scratch in place
     nemotron = LayerSpec(128, 2688, 1856, False)  # padded: H -> 2816, I -> 1920
     qwen3_tp8 = LayerSpec(128, 2048, 96, True)     # padded: I -> 128 (40 MB)
+    tiny_padded = LayerSpec(8, 256, 96, True)
     for donate in (True, False):
         assert _backends.auto_takes_triton(deepseek, donate=donate)  # w13: 3.76 GB
-        assert _backends.auto_takes_triton(qwen3, donate=donate) == donate  # one pass in place
-        assert _backends.auto_takes_triton(nemotron, donate=donate)  # large, padded
-        assert not _backends.auto_takes_triton(qwen3_tp8, donate=donate)  # small, padded
+        assert _backends.auto_takes_triton(nemotron, donate=donate)  # padded
+        assert _backends.auto_takes_triton(qwen3_tp8, donate=donate)  # padded, 40 MB
+        for spec in (qwen3, tp8, ep8):  # in place: triton; out of place: equal, XLA's wall
+            assert _backends.auto_takes_triton(spec, donate=donate) == donate
         assert not _backends.auto_takes_triton(tiny, donate=donate)
-        assert _backends.auto_takes_triton(qwen3, donate=donate, pallas=False)
-    assert _backends.auto_takes_triton(tp8, donate=True)
-    assert not _backends.auto_takes_triton(tp8, donate=False)
-    assert not _backends.auto_takes_triton(tp8, donate=True, inverse=True)
+        assert not _backends.auto_takes_triton(tiny_padded, donate=donate)
+        assert _backends.auto_takes_triton(tiny, donate=donate, pallas=False)
+        assert not _backends.auto_takes_triton(qwen3, donate=donate, inverse=True)
+    with options.override(triton_min_bytes=0):
+        assert _backends.auto_takes_triton(tiny, donate=True)
+    with options.override(triton_min_bytes=1 << 40):
+        assert not _backends.auto_takes_triton(qwen3, donate=True)
+        assert _backends.auto_takes_triton(deepseek, donate=True)  # 2 GiB arrays: always
 
 
 def test_w13_moves_in_one_pass_up_to_2048_rows():

@@ -18,7 +18,6 @@ from ..layout.spec import LayerSpec
 from ..options import Options, current
 from . import flashinfer, pallas
 from .triton import program as triton
-from .triton.tiles import w13_in_one_pass
 
 BACKENDS = ("auto", "xla", "triton", "flashinfer")
 
@@ -68,29 +67,25 @@ def auto_takes_triton(spec: LayerSpec, *, donate: bool, inverse: bool = False,
     (per-device) layer rather than XLA (with the Pallas row kernels where ``pallas``).
     ``resolve_backend`` then checks that Triton can run (CUDA arrays, torch and triton
     installed). Each branch names its measurement: one H200, one run,
-    benchmarks/results/h200-2026-12-03-38b4dd417adf.json (wall ms, device ms in brackets;
-    Triton launched from a buffer_callback), and h200-2026-11-28-bb49616e9e70-bench.json
-    (benchmarks/DESIGN-RECORD.md, "`auto`: one rule")."""
+    benchmarks/results/h200-2026-12-03-38785e3.json (device ms; the Triton kernels launched
+    through XLA, the buffer_callback route in brackets where it decides)."""
     options = options or current()
     if inverse:  # no kernel for the inverse
         return False
     if not pallas:  # XLA alone moves uint8 a byte per thread: a third of the copy bandwidth
         return True
     if needs_triton(spec):  # an array of 2 GiB or more stays off Pallas (int32 offsets):
-        return True  # DeepSeek-V3 donated 6.31 [5.46] vs xla 9.66 [8.97], not 5.82 [3.12] vs 6.25 [5.72]
-    large = spec.nbytes >= options.triton_min_bytes
-    if spec.needs_padding:  # out of place either way (the padding is a new buffer):
-        # Nemotron-3-Nano (720 MB): triton 1.93 [1.33] vs xla 2.28 [1.69], donated or not;
-        # Qwen3-30B TP8 (40 MB): xla 0.63 [0.134] vs triton 0.69 [0.142] donated.
-        return large
-    if donate and w13_in_one_pass(spec):  # in place, w13 in one pass (2I <= 2048):
-        # DeepSeek-V3 TP8 (756 MB) donated: triton 4.17 [0.571] vs xla 4.85 [0.852];
-        # Qwen3-30B-A3B (2I = 1536, 2048 lanes) in-place launches 0.277 ms one pass
-        # (h200-2026-12-03-4bfecaf-triton-tiles.log) vs xla [0.377];
-        # tiny (8, 256, 128; 1.3 MiB): xla 3.15 [0.055] vs triton 4.00 [0.141].
-        return large
-    # Not donated: Qwen3-30B-A3B [0.202] xla vs [0.274] triton; DeepSeek-V3 TP8 [0.449]
-    # vs [0.484].
+        return True  # DeepSeek-V3 donated triton 5.38 vs xla 8.93, not 3.07 vs 5.70
+    if spec.nbytes < options.triton_min_bytes:  # the launch costs more than the kernels save:
+        return False  # tiny (0.4 MB) donated xla 0.052 vs triton 0.071 [0.162]
+    if spec.needs_padding or donate:  # out of place with padding, or in place:
+        # Qwen3-30B TP8 (40 MB, padded) triton 0.071 [0.105] vs xla 0.131 donated, 0.079 vs
+        # 0.128 not; Nemotron-3-Nano (padded) 0.403 vs 1.685; donated Qwen3-30B-A3B 0.305
+        # vs 0.375, DeepSeek-V3 TP8 0.490 vs 0.843, EP8 (w13 through scratch) 0.746 vs 0.822.
+        return True
+    # Not donated, not padded: equal on the device (Qwen3-30B-A3B 0.200 both, DeepSeek-V3
+    # TP8 0.413 vs 0.442, EP8 0.409 vs 0.418); XLA's wall is lower where it differs
+    # (Qwen3-30B-A3B 0.46 vs 0.65 ms [0.80], EP8 0.69 vs 0.75 ms).
     return False
 
 

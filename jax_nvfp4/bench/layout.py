@@ -14,6 +14,7 @@ Times are medians over repeats after a warm-up, synchronized with
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import threading
@@ -21,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from .. import layer as _layer, options as _options, transform as _prepare
@@ -228,10 +230,10 @@ class Reference:
         p13 = _reference.w13_row_index(padded.shapes(padded=False)[0][1], gated=spec.gated)
         p2 = _reference.shuffle_index(padded.hidden)
 
-        # One expert per call, stacked: a gather over the whole array (even under lax.map,
-        # which XLA turned back into one) materializes int32 indices of 4x its size
-        # (Kimi-K2's w13: 21 GiB, out of memory on an H200).
-        @jax.jit
+        # One expert per call, written into preallocated (donated) outputs: a gather over
+        # the whole array materializes int32 indices of 4x its size, and stacking the
+        # experts' results holds the layer twice plus the concatenation's temporary (Kimi-K2:
+        # out of memory on an H200 either way).
         def expert(w13, s13, w2, s2):
             def rows(x, p):
                 return x[jnp.asarray(p)]
@@ -242,11 +244,18 @@ class Reference:
                 return x.reshape(-1)[idx].reshape(r, c)
             return rows(w13, p13), swz(rows(s13, p13)), rows(w2, p2), swz(rows(s2, p2))
 
+        @functools.partial(jax.jit, donate_argnums=0)
+        def put(out, e, arrays):
+            new = expert(*(lax.dynamic_index_in_dim(x, e, keepdims=False) for x in arrays))
+            return [lax.dynamic_update_index_in_dim(o, n, e, 0) for o, n in zip(out, new)]
+
         padded_layer = pad_layer(spec, layer)
-        per_expert = [expert(*(x[e] for x in padded_layer)) for e in range(spec.experts)]
+        out = [jnp.zeros((spec.experts, *s.shape), s.dtype) for s in
+               jax.eval_shape(expert, *(x[0] for x in padded_layer))]
+        for e in range(spec.experts):
+            out = put(out, np.int32(e), padded_layer)
         del padded_layer
-        self.out = jax.block_until_ready([jnp.stack(xs) for xs in zip(*per_expert)])
-        del per_expert
+        self.out = jax.block_until_ready(out)
         # The device reference itself against the numpy reference, on a few experts.
         pick = np.unique(np.random.default_rng(0).integers(0, spec.experts, 3))
         host = [np.asarray(x) for x in jax.jit(
