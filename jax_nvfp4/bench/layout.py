@@ -21,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 
 from .. import layer as _layer, options as _options, transform as _prepare
@@ -229,10 +228,10 @@ class Reference:
         p13 = _reference.w13_row_index(padded.shapes(padded=False)[0][1], gated=spec.gated)
         p2 = _reference.shuffle_index(padded.hidden)
 
-        # One expert per call, written into preallocated (donated) outputs: a gather over
-        # the whole array materializes int32 indices of 4x its size, and stacking the
-        # experts' results holds the layer twice plus the concatenation's temporary (Kimi-K2:
-        # out of memory on an H200 either way).
+        # One expert per call, kept per expert: a gather over the whole array materializes
+        # int32 indices of 4x its size, and so did stacking the experts or writing them into
+        # a preallocated array (Kimi-K2's w13: 21 GiB, out of memory on an H200 each time).
+        @jax.jit
         def expert(w13, s13, w2, s2):
             def rows(x, p):
                 return x[jnp.asarray(p)]
@@ -243,30 +242,24 @@ class Reference:
                 return x.reshape(-1)[idx].reshape(r, c)
             return rows(w13, p13), swz(rows(s13, p13)), rows(w2, p2), swz(rows(s2, p2))
 
-        # Sliced outside the program: inside, XLA fuses the slice into one gather over the
-        # whole array again (Kimi-K2: 21 GiB of indices).
-        expert = jax.jit(expert)
-        put = jax.jit(lambda out, e, new: [lax.dynamic_update_index_in_dim(o, n, e, 0)
-                                           for o, n in zip(out, new)], donate_argnums=0)
         padded_layer = pad_layer(spec, layer)
-        out = [jnp.zeros((spec.experts, *s.shape), s.dtype) for s in
-               jax.eval_shape(expert, *(x[0] for x in padded_layer))]
-        for e in range(spec.experts):
-            out = put(out, np.int32(e), expert(*(x[e] for x in padded_layer)))
+        per_expert = [expert(*(x[e] for x in padded_layer)) for e in range(spec.experts)]
         del padded_layer
-        self.out = jax.block_until_ready(out)
+        self.out = jax.block_until_ready([list(xs) for xs in zip(*per_expert)])
+        del per_expert
         # The device reference itself against the numpy reference, on a few experts.
         pick = np.unique(np.random.default_rng(0).integers(0, spec.experts, 3))
         host = [np.asarray(x) for x in jax.jit(
             lambda *l: [x[pick] for x in pad_layer(spec, l)])(*layer)]
         for name, d, w in zip(NAMES4, self.out,
                               _reference.prepare_layer(*host, gated=spec.gated)):
-            if not np.array_equal(np.asarray(d[pick]), w):
+            if not np.array_equal(np.stack([np.asarray(d[e]) for e in pick]), w):
                 raise AssertionError(f"device reference disagrees with numpy on {name}")
 
     def check(self, outs, what: str) -> None:
         for name, got, want in zip(NAMES4, outs, self.out):
-            if tuple(got.shape) != tuple(want.shape) or not bool(_equal(got, want)):
+            if (tuple(got.shape) != (len(want), *want[0].shape)
+                    or not all(bool(_equal(got[e], w)) for e, w in enumerate(want))):
                 raise AssertionError(f"{what}: {name} differs from the reference; not timed")
 
 
@@ -498,7 +491,7 @@ def _torch_rows(spec, layer, ref, repeats):
 def _swizzle_rows(spec, layer, ref, repeats, device):
     """The scale swizzle alone on w13's scale bytes: XLA transpose vs flashinfer's kernel."""
     from ..layout import index as _layout
-    s13 = jax.block_until_ready(_as_u8(ref.out[1]))  # any bytes; swizzle the reference's
+    s13 = jax.block_until_ready(_as_u8(jnp.stack(ref.out[1])))  # any bytes; swizzle the reference's
     want = jax.jit(lambda x: jnp.take(x.reshape(x.shape[0], -1), jnp.asarray(
         _swizzle_index(*x.shape[1:])), axis=1))(s13)
     rows = []
