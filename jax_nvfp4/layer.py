@@ -52,9 +52,8 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
         ``block_scale_interleave`` kernel (CUDA only; needs torch and flashinfer; same
         bytes). ``"auto"`` picks ``"triton"`` on CUDA, when installed, where XLA would move
         an array of 2 GiB or more (per device) a byte per thread, and for layers of
-        256 MiB or more (per device) that are padded or, donated, whose gated w13 Triton
-        moves in place in one pass (``2I`` a power of two up to 1024), else ``"xla"``;
-        never flashinfer (measured slower). The rule and its measurements:
+        16 MiB or more (per device) that are padded or donated, else ``"xla"``; never
+        flashinfer (measured slower). The rule and its measurements:
         ``jax_nvfp4.backends.select.auto_takes_triton``.
     chunk_bytes : int, optional, keyword-only
         Scratch budget of the in-place loop (with ``"triton"``: gated w13 and its scales

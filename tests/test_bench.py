@@ -57,3 +57,41 @@ def test_bench_bad_shape_is_a_user_error():
     r = subprocess.run([sys.executable, "-m", "jax_nvfp4", "bench", "--shape", "7,8"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "expected one of" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_variants_are_timed_round_by_round_and_a_failing_one_is_dropped(capsys):
+    from jax_nvfp4.bench import layout
+
+    calls = []
+
+    class Fake:
+        def __init__(self, label, fail_at=None):
+            self.label, self.fail_at, self.wall, self.device = label, fail_at, [], []
+
+        def time_wall(self):
+            calls.append(self.label)
+            if len(self.wall) == self.fail_at:
+                raise RuntimeError("out of memory")
+            self.wall.append(float(len(calls)))
+
+    a, b, c = Fake("a"), Fake("b", fail_at=2), Fake("c")
+    before = len(layout.FAILURES)
+    try:
+        alive = layout._interleaved([a, b, c], "time_wall", rounds=3, warmup=1, label="s")
+        assert alive == [a, c]
+        # one warm-up round, then three rounds of every variant in turn (b fails in round 3)
+        assert calls == ["a", "b", "c"] * 3 + ["a", "b", "c"]
+        assert a.wall == [4.0, 7.0, 10.0] and c.wall == [6.0, 9.0, 12.0]
+        assert layout.FAILURES[before:] == ["s b: RuntimeError"]
+        assert "FAILED: s jax_nvfp4 b" in capsys.readouterr().out
+    finally:
+        del layout.FAILURES[before:]
+
+
+def test_small_layers_get_more_rounds():
+    from jax_nvfp4.bench import layout
+    from jax_nvfp4.layout.spec import LayerSpec
+
+    assert layout.rounds_for(LayerSpec(8, 256, 128, True), 5) == layout.SMALL_LAYER_ROUNDS
+    assert layout.rounds_for(LayerSpec(8, 256, 128, True), 5, 0) == 5
+    assert layout.rounds_for(LayerSpec(256, 7168, 2048, True), 5) == 5

@@ -12,7 +12,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # script -> None (runs anywhere) or the words its refusal must contain off a GPU
-SCRIPTS = {"sharded.py": None, "triton_profile.py": "needs a CUDA GPU",
+SCRIPTS = {"sharded.py": None, "fixed_cost.py": None, "triton_profile.py": "needs a CUDA GPU",
            "tvm_ffi_route.py": "needs a CUDA GPU"}
 GPU_ONLY = [name for name, refusal in SCRIPTS.items() if refusal]
 ON_GPU = jax.devices()[0].platform == "gpu"
@@ -45,6 +45,18 @@ def test_refuses_without_a_gpu(name, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"{name}: ") and SCRIPTS[name] in err and "cpu" in err
     assert not out.exists()
+
+
+def test_fixed_cost_small_run_reports_every_part(tmp_path):
+    out = tmp_path / "fixed.json"
+    assert _load("fixed_cost.py").main(["--rounds", "3", "--shape", "tiny",
+                                        "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["backend"], r["donated"]) for r in rows} >= {("xla", True), ("xla", False)}
+    for r in rows:
+        parts = [r[k] for k in ("empty jit", "plan", "dispatch", "program", "prepare_layer")]
+        assert all(p > 0 for p in parts), r
+        assert r["device"] is None or r["device"] > 0
 
 
 @pytest.mark.gpu

@@ -9,7 +9,9 @@ implementations written from the published algorithms: sglang before PR
 result is checked byte for byte against an independent reference (the index
 formulas of ``_reference``, run on the device) before its time is kept.
 Times are medians over repeats after a warm-up, synchronized with
-``block_until_ready`` (JAX) or CUDA events (torch). Inputs are random bytes.
+``block_until_ready`` (JAX) or CUDA events (torch). The jax_nvfp4 variants of a layer
+are timed round by round, each once per round, so that they compare (``auto`` against
+the backend it picks: the same program). Inputs are random bytes.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def configure(p):
                         "(not gated); repeatable (default: all of them, none with --model)")
     p.add_argument("--cpu", action="store_true",
                    help="small shapes, few repeats: a smoke run for CPU/CI")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 10; 2 --cpu)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10, at least "
+                        f"{SMALL_LAYER_ROUNDS} for layers under 1 GiB; 2 --cpu)")
     p.add_argument("--no-torch", dest="torch", action="store_false",
                    help="skip the torch baselines")
     p.add_argument("--model", action="append", default=None, metavar="NAME:LAYERS",
@@ -263,9 +266,10 @@ class Reference:
                 raise AssertionError(f"{what}: {name} differs from the reference; not timed")
 
 
-def device_time(program, donate: bool, make_args, repeats: int):
-    """Median GPU milliseconds of a jitted layer ``program``: CUDA events recorded on XLA's
-    stream just before its first and after its last kernel (None off CUDA or without torch).
+def device_timer(program, donate: bool):
+    """One call of a jitted layer ``program`` timed on the GPU: a function of the program's
+    arguments that returns the milliseconds between CUDA events recorded on XLA's stream
+    just before its first and after its last kernel (None off CUDA or without torch).
 
     Two ``buffer_callback`` markers bracket the program, ordered by data dependence
     (``optimization_barrier``), so host dispatch and synchronization are left out:
@@ -295,15 +299,31 @@ def device_time(program, donate: bool, make_args, repeats: int):
         return jax.lax.optimization_barrier((t, outs))[1]
 
     f = jax.jit(timed, donate_argnums=(0, 1, 2, 3) if donate else ())
+
+    def once(*args):
+        events.clear()
+        jax.block_until_ready(f(*args))
+        if len(events) != 2:
+            return None
+        events[1].synchronize()
+        return events[0].elapsed_time(events[1])
+
+    return once
+
+
+def device_time(program, donate: bool, make_args, repeats: int):
+    """Median GPU milliseconds of a jitted layer ``program`` (:func:`device_timer`) over
+    ``repeats`` calls after two warm-up calls; None off CUDA or without torch."""
+    once = device_timer(program, donate)
+    if once is None:
+        return None
     samples = []
     for k in range(2 + repeats):
         args = jax.block_until_ready(make_args())
-        events.clear()
-        jax.block_until_ready(f(*args))
+        ms = once(*args)
         del args
-        if k >= 2 and len(events) == 2:
-            events[1].synchronize()
-            samples.append(events[0].elapsed_time(events[1]))
+        if k >= 2 and ms is not None:
+            samples.append(ms)
     return statistics.median(samples) if samples else None
 
 
@@ -322,58 +342,134 @@ def _variants(device):
     return out
 
 
-def _jax_rows(spec, layer, ref, repeats, device, label, skip=()):
+SMALL_LAYER_ROUNDS = 30  # rounds for layers under 1 GiB: their calls are short and noisy
+
+
+def rounds_for(spec: LayerSpec, repeats: int, small: int = SMALL_LAYER_ROUNDS) -> int:
+    """Timed rounds of a layer: ``repeats``, at least ``small`` under 1 GiB (there a call is
+    a fraction of a millisecond and its fixed cost varies from call to call: five samples
+    did not tell two runs of the same program apart within 1.3-1.5x, H200, 77ed9ab)."""
+    return repeats if spec.nbytes >= 1 << 30 else max(repeats, small)
+
+
+class _Variant:
+    """One jax_nvfp4 implementation of one layer, donated or not: its call, checked
+    against the reference before it is timed."""
+
+    def __init__(self, spec, layer, name, backend, route, donate):
+        self.spec, self.layer, self.name, self.backend, self.donate = \
+            spec, layer, name, backend, donate
+        self.changes = {} if route is None else {"triton_route": route}
+        self.label = f"{name} donate={donate}"
+        self.wall, self.device = [], []
+        self.timer = None
+
+    def make(self):
+        return [_copy(x) for x in self.layer] if self.donate else list(self.layer)
+
+    def call(self, *xs):
+        with _options.override(**self.changes):
+            return _layer.prepare_layer(*xs, gated=self.spec.gated, backend=self.backend,
+                                        donate=self.donate)
+
+    def plan(self):
+        with _options.override(**self.changes):
+            return _prepare.plan_job(self.layer, gated=self.spec.gated, donate=self.donate,
+                                     backend=self.backend, chunk_bytes=None, inverse=False)
+
+    def check(self, ref):
+        out = self.call(*self.make())
+        ref.check(out, f"jax_nvfp4 {self.label}")
+        del out
+        self.timer = device_timer(self.plan().program, self.donate)
+
+    def time_wall(self) -> None:
+        args = jax.block_until_ready(self.make())
+        t0 = time.perf_counter()
+        jax.block_until_ready(self.call(*args))
+        self.wall.append(time.perf_counter() - t0)
+
+    def time_device(self) -> None:
+        if self.timer is not None:
+            args = jax.block_until_ready(self.make())
+            ms = self.timer(*args)
+            if ms is not None:
+                self.device.append(ms)
+
+    def row(self, device):
+        # Transient: polled peak over the inputs during one call, and XLA's own count.
+        args = jax.block_until_ready(self.make())
+        with _Poller(device) as poll:
+            jax.block_until_ready(self.call(*args))
+        del args
+        job = self.plan()
+        if isinstance(job.program, _prepare.OneArrayAtATime):  # padded, donated
+            analysed = job.program.transient_bytes(*self.layer)
+        else:
+            stats = job.program.lower(*self.layer).compile().memory_analysis()
+            analysed = stats.temp_size_in_bytes + stats.output_size_in_bytes \
+                - stats.alias_size_in_bytes
+        impl = f"jax_nvfp4 {self.name} {'donated' if self.donate else 'not donated'}"
+        if self.backend == "auto":
+            impl += f" (-> {job.backend})"
+        gpu_ms = statistics.median(self.device) if self.device else None
+        return (impl, _median_ms(self.wall), max(poll.extra, analysed), gpu_ms)
+
+
+def _interleaved(variants, step: str, rounds: int, warmup: int, label: str) -> list:
+    """``rounds`` after ``warmup`` rounds, each calling every variant's ``step`` once, in
+    turn: drift in the machine's state (clocks, allocator, other processes) lands on every
+    variant alike, so their medians compare. A variant that raises is dropped (reported)."""
+    alive = list(variants)
+    for r in range(warmup + rounds):
+        for v in list(alive):
+            samples = getattr(v, "wall" if step == "time_wall" else "device")
+            n = len(samples)
+            try:
+                getattr(v, step)()
+            except Exception as e:  # noqa: BLE001 - one failing variant: say so, go on
+                print(f"FAILED: {label} jax_nvfp4 {v.label}: {type(e).__name__}: "
+                      f"{str(e)[:2000]}", flush=True)
+                FAILURES.append(f"{label} {v.label}: {type(e).__name__}")
+                alive.remove(v)
+                continue
+            if r < warmup:
+                del samples[n:]
+    return alive
+
+
+def _jax_rows(spec, layer, ref, rounds, device, label, skip=()):
+    """Every jax_nvfp4 variant of one layer, checked, then timed round by round
+    (:func:`_interleaved`): wall clock, then device time, ``rounds`` each."""
     rows = []
-    for name, backend, route in _variants(device):
-        if backend in skip:
-            continue
-        changes = {} if route is None else {"triton_route": route}
-        with _options.override(**changes):
-            for donate in (True, False):
-                try:
-                    rows.append(_jax_row(spec, layer, ref, repeats, device, name, backend,
-                                         donate))
-                except Exception as e:  # noqa: BLE001 - one failing variant: say so, go on
-                    print(f"FAILED: {label} jax_nvfp4 {name} donate={donate}: "
-                          f"{type(e).__name__}: {str(e)[:2000]}", flush=True)
-                    FAILURES.append(f"{label} {name} donate={donate}: {type(e).__name__}")
+    for donate in (True, False):
+        variants = []
+        for name, backend, route in _variants(device):
+            if backend in skip:
+                continue
+            v = _Variant(spec, layer, name, backend, route, donate)
+            try:
+                v.check(ref)
+            except Exception as e:  # noqa: BLE001 - one failing variant: say so, go on
+                print(f"FAILED: {label} jax_nvfp4 {v.label}: {type(e).__name__}: "
+                      f"{str(e)[:2000]}", flush=True)
+                FAILURES.append(f"{label} {v.label}: {type(e).__name__}")
+                continue
+            variants.append(v)
+        variants = _interleaved(variants, "time_wall", rounds, 1, label)
+        variants = _interleaved(variants, "time_device", rounds, 2, label)
+        for v in variants:
+            try:
+                rows.append(v.row(device))
+            except Exception as e:  # noqa: BLE001
+                print(f"FAILED: {label} jax_nvfp4 {v.label}: {type(e).__name__}: "
+                      f"{str(e)[:2000]}", flush=True)
+                FAILURES.append(f"{label} {v.label}: {type(e).__name__}")
+        del variants
     return rows
 
 
 FAILURES: list[str] = []  # variants that raised (wrong bytes or errors): not timed
-
-
-def _jax_row(spec, layer, ref, repeats, device, name, backend, donate):
-    def make():
-        return [_copy(x) for x in layer] if donate else list(layer)
-
-    def call(*xs):
-        return _layer.prepare_layer(*xs, gated=spec.gated, backend=backend, donate=donate)
-
-    out = call(*make())
-    ref.check(out, f"jax_nvfp4 {name} donate={donate}")
-    del out
-    samples = time_jax(call, make, repeats)
-    # Transient: polled peak over the inputs during one call, and XLA's own count.
-    args = jax.block_until_ready(make())
-    with _Poller(device) as poll:
-        jax.block_until_ready(call(*args))
-    del args
-    job = _prepare.plan_job(layer, gated=spec.gated, donate=donate, backend=backend,
-                            chunk_bytes=None, inverse=False)
-    resolved = job.backend
-    if isinstance(job.program, _prepare.OneArrayAtATime):  # padded, donated
-        analysed = job.program.transient_bytes(*layer)
-    else:
-        stats = job.program.lower(*layer).compile().memory_analysis()
-        analysed = stats.temp_size_in_bytes + stats.output_size_in_bytes \
-            - stats.alias_size_in_bytes
-    gpu_ms = device_time(job.program, donate, make, repeats)
-    del job
-    impl = f"jax_nvfp4 {name} {'donated' if donate else 'not donated'}"
-    if backend == "auto":
-        impl += f" (-> {resolved})"
-    return (impl, _median_ms(samples), max(poll.extra, analysed), gpu_ms)
 
 
 def _torch_interleave(torch, device):
@@ -657,7 +753,8 @@ def run(args) -> int:
                                     spec.intermediate, gated=spec.gated, device=device)
         ref = Reference(spec, layer)
         floor_ms = 1e3 * floor_bytes(spec) / bw
-        results = _jax_rows(spec, layer, ref, repeats, device, name, args.skip)
+        rounds = rounds_for(spec, repeats, 0 if args.cpu else SMALL_LAYER_ROUNDS)
+        results = _jax_rows(spec, layer, ref, rounds, device, name, args.skip)
         if have_torch:
             results += _torch_rows(spec, layer, ref, max(1, min(repeats, 3)))
         base = dict(shape=name, E=e, H=h, I=i, gated=gated, Hp=spec.padded_h,
@@ -694,7 +791,8 @@ def run(args) -> int:
 
 
 def auto_summary(rows) -> list[dict]:
-    """Per shape and donation: auto's wall time over the best jax_nvfp4 backend's."""
+    """Per shape and donation: auto's wall time over the best jax_nvfp4 backend's (and its
+    device time over the best device time, where measured)."""
     out = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for donated in ("donated", "not donated"):
@@ -704,9 +802,16 @@ def auto_summary(rows) -> list[dict]:
             rest = [r for r in mine if not r["impl"].startswith("jax_nvfp4 auto ")]
             if auto and rest:
                 best = min(rest, key=lambda r: r["ms"])
-                out.append(dict(shape=shape, donated=donated == "donated",
-                                auto=auto[0]["impl"], auto_ms=auto[0]["ms"], best=best["impl"],
-                                best_ms=best["ms"], ratio=auto[0]["ms"] / best["ms"]))
+                row = dict(shape=shape, donated=donated == "donated", auto=auto[0]["impl"],
+                           auto_ms=auto[0]["ms"], best=best["impl"], best_ms=best["ms"],
+                           ratio=auto[0]["ms"] / best["ms"])
+                timed = [r for r in rest if r.get("device_ms") is not None]
+                if auto[0].get("device_ms") is not None and timed:
+                    dbest = min(timed, key=lambda r: r["device_ms"])
+                    row.update(auto_device_ms=auto[0]["device_ms"], best_device=dbest["impl"],
+                               best_device_ms=dbest["device_ms"],
+                               device_ratio=auto[0]["device_ms"] / dbest["device_ms"])
+                out.append(row)
     return out
 
 
@@ -739,7 +844,10 @@ def _table(device, bw, rows, model_rows=(), meta=None) -> str:
                      f"{r['ms']:.1f} ms = {r['ms_per_layer']:.3f} ms per layer, "
                      f"{r['x_floor']:.2f}x floor, transient {r['transient_bytes'] / 2**20:.0f} MiB")
     for a in auto_summary(rows):
-        lines.append(f"auto vs best, {a['shape']} {'donated' if a['donated'] else 'not donated'}: "
-                     f"{a['auto_ms']:.3f} ms vs {a['best']} {a['best_ms']:.3f} ms = "
-                     f"{a['ratio']:.2f}x")
+        line = (f"auto vs best, {a['shape']} {'donated' if a['donated'] else 'not donated'}: "
+                f"{a['auto_ms']:.3f} ms vs {a['best']} {a['best_ms']:.3f} ms = {a['ratio']:.2f}x")
+        if "device_ratio" in a:
+            line += (f"; device {a['auto_device_ms']:.3f} ms vs {a['best_device']} "
+                     f"{a['best_device_ms']:.3f} ms = {a['device_ratio']:.2f}x")
+        lines.append(line)
     return "\n".join(lines)

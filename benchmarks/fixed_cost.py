@@ -1,0 +1,123 @@
+"""Where the fixed cost of one ``prepare_layer`` call goes (wall clock, host side).
+
+For each shape, backend and donation, in one run on one device, the median ms of:
+
+* ``empty jit``: a jitted identity of the four arrays (donated when the call donates), waited
+  for: JAX's dispatch floor for four buffers;
+* ``plan``: ``transform.plan_job`` (every check, the backend's choice, the program lookup);
+* ``dispatch``: the planned program called, until it returns (not waited for);
+* ``program``: the planned program called and waited for;
+* ``prepare_layer``: the public call, waited for (plan + program + marks + deletes);
+* ``device``: CUDA events around the program on XLA's stream (GPU with torch only).
+
+Calls are interleaved round by round (every measurement once per round), so drift in the
+machine's state lands on all of them alike.
+
+On the GPU machine::
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/fixed_cost.py --out fixed.json
+
+On CPU it runs the same measurements (xla only; a smoke test of the script).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+
+from jax_nvfp4 import layer as _layer  # noqa: E402
+from jax_nvfp4 import testing as _testing  # noqa: E402
+from jax_nvfp4 import transform as _transform  # noqa: E402
+from jax_nvfp4.bench import layout as _bench  # noqa: E402
+
+SHAPES = {"tiny": (8, 256, 128), "qwen3-30b-a3b-tp8-unpadded": (128, 2048, 128),
+          "qwen3-30b-a3b": (128, 2048, 768)}
+
+
+def _copies(layer):
+    return jax.block_until_ready([x.copy() for x in layer])
+
+
+def measure(shape, backend: str, donate: bool, rounds: int) -> dict:
+    e, h, i = shape
+    layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(1), e, h, i))
+    make = (lambda: _copies(layer)) if donate else (lambda: list(layer))
+    plan = dict(gated=True, donate=donate, backend=backend, chunk_bytes=None, inverse=False)
+    job = _transform.plan_job(make(), **plan)
+    empty = jax.jit(lambda *xs: xs, donate_argnums=(0, 1, 2, 3) if donate else ())
+
+    def t_empty(a):
+        jax.block_until_ready(empty(*a))
+
+    def t_plan(a):
+        _transform.plan_job(a, **plan)
+
+    def t_dispatch(a):
+        out = job.program(*a)
+        t = time.perf_counter()
+        jax.block_until_ready(out)
+        return t  # the wait is not this measurement's
+
+    def t_program(a):
+        jax.block_until_ready(job.program(*a))
+
+    def t_call(a):
+        jax.block_until_ready(_layer.prepare_layer(*a, donate=donate, backend=backend))
+
+    steps = {"empty jit": t_empty, "plan": t_plan, "dispatch": t_dispatch,
+             "program": t_program, "prepare_layer": t_call}
+    samples = {k: [] for k in steps}
+    for r in range(3 + rounds):
+        for name, fn in steps.items():
+            args = make()
+            t0 = time.perf_counter()
+            end = fn(args)
+            t1 = end if isinstance(end, float) else time.perf_counter()
+            if r >= 3:
+                samples[name].append(t1 - t0)
+            del args
+    out = {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+    out["device"] = _bench.device_time(job.program, donate, make, rounds)
+    out.update(shape=list(shape), backend=backend, resolved=job.backend, donated=donate,
+               rounds=rounds)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--shape", action="append", choices=sorted(SHAPES))
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    gpu = jax.devices()[0].platform == "gpu"
+    backends = ("xla", "triton", "auto") if gpu else ("xla",)
+    rows = []
+    for name in args.shape or list(SHAPES):
+        for backend in backends:
+            for donate in (True, False):
+                row = measure(SHAPES[name], backend, donate, args.rounds)
+                row["name"] = name
+                rows.append(row)
+                print(f"{name} {backend}->{row['resolved']} "
+                      f"{'donated' if donate else 'not donated'}: " + ", ".join(
+                          f"{k} {row[k]:.3f}" for k in ("empty jit", "plan", "dispatch",
+                                                        "program", "prepare_layer")
+                      ) + ("" if row["device"] is None else f", device {row['device']:.3f}"),
+                      flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "commit": _bench.commit(),
+                       "versions": _bench.versions(), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
