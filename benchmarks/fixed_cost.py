@@ -91,11 +91,31 @@ def measure(shape, backend: str, donate: bool, rounds: int) -> dict:
     return out
 
 
+def _profile(backend: str, top: int) -> None:
+    import cProfile
+    import pstats
+
+    layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(2), 8, 256, 128))
+    argss = [_copies(layer) for _ in range(210)]
+    for a in argss[:10]:
+        jax.block_until_ready(_layer.prepare_layer(*a, backend=backend))
+    prof = cProfile.Profile()
+    prof.enable()
+    for a in argss[10:]:
+        jax.block_until_ready(_layer.prepare_layer(*a, backend=backend))
+    prof.disable()
+    print(f"--- cProfile: 200 tiny donated prepare_layer calls, backend={backend}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--shape", action="append", choices=sorted(SHAPES))
     p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print cProfile's top N functions (own time) of 200 donated "
+                        "tiny prepare_layer calls per backend")
     args = p.parse_args(argv)
     gpu = jax.devices()[0].platform == "gpu"
     backends = ("xla", "triton", "auto") if gpu else ("xla",)
@@ -112,6 +132,9 @@ def main(argv=None) -> int:
                                                         "program", "prepare_layer")
                       ) + ("" if row["device"] is None else f", device {row['device']:.3f}"),
                       flush=True)
+    if args.profile:
+        for backend in backends:
+            _profile(backend, args.profile)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "commit": _bench.commit(),

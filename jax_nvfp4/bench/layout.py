@@ -222,42 +222,42 @@ def pad_layer(spec: LayerSpec, layer):
 
 
 class Reference:
-    """The prepared layer from the reference's index formulas, computed on the device once
-    (on the zero-padded bytes where the layer needs padding)."""
+    """The prepared layer from the reference's index formulas, computed in numpy on the
+    host, a chunk of experts at a time (on the zero-padded bytes where the layer needs
+    padding), and kept on the device one array per expert for :meth:`check`."""
+
+    CHUNK_BYTES = 256 << 20  # host bytes per chunk of experts
 
     def __init__(self, spec: LayerSpec, layer):
+        # On the host: on the H200 every device form of this reference (one gather over the
+        # whole array, one per expert, stacked or written into a preallocated array) ran
+        # Kimi-K2's w13 out of memory, XLA asking for 4x its 5.3 GiB.
         self.spec = spec
         padded = LayerSpec(spec.experts, spec.padded_h, spec.padded_i, spec.gated)
         p13 = _reference.w13_row_index(padded.shapes(padded=False)[0][1], gated=spec.gated)
         p2 = _reference.shuffle_index(padded.hidden)
-
-        # One expert per call, kept per expert: a gather over the whole array materializes
-        # int32 indices of 4x its size, and so did stacking the experts or writing them into
-        # a preallocated array (Kimi-K2's w13: 21 GiB, out of memory on an H200 each time).
-        @jax.jit
-        def expert(w13, s13, w2, s2):
-            def rows(x, p):
-                return x[jnp.asarray(p)]
-
-            def swz(x):
-                r, c = x.shape
-                idx = jnp.asarray(_swizzle_index(r, c))
-                return x.reshape(-1)[idx].reshape(r, c)
-            return rows(w13, p13), swz(rows(s13, p13)), rows(w2, p2), swz(rows(s2, p2))
-
+        shapes = padded.shapes(padded=False)
+        swz = [None, _swizzle_index(*shapes[1][1:]), None, _swizzle_index(*shapes[3][1:])]
+        rows = [p13, p13, p2, p2]
         padded_layer = pad_layer(spec, layer)
-        per_expert = [expert(*(x[e] for x in padded_layer)) for e in range(spec.experts)]
+        step = max(1, self.CHUNK_BYTES // (padded.nbytes // spec.experts))
+        device = next(iter(layer[0].devices()))
+        self.out = [[], [], [], []]
+        for e0 in range(0, spec.experts, step):
+            for k, x in enumerate(padded_layer):
+                host = np.asarray(x[e0:e0 + step])[:, rows[k], :]
+                if swz[k] is not None:  # out.flat[o] = in.flat[idx[o]] per expert
+                    host = host.reshape(len(host), -1)[:, swz[k]].reshape(host.shape)
+                self.out[k].extend(jax.device_put(h, device) for h in host)
+            if e0 == 0:  # the formulas here against the numpy reference, on the first chunk
+                first = [np.asarray(x[:min(step, 2)]) for x in padded_layer]
+                for name, got, want in zip(NAMES4, self.out, _reference.prepare_layer(
+                        *first, gated=spec.gated, hidden_alignment=128)):
+                    if not np.array_equal(np.stack([np.asarray(g) for g in got[:len(want)]]),
+                                          want.reshape(len(want), *got[0].shape)):
+                        raise AssertionError(f"bench reference disagrees with numpy on {name}")
         del padded_layer
-        self.out = jax.block_until_ready([list(xs) for xs in zip(*per_expert)])
-        del per_expert
-        # The device reference itself against the numpy reference, on a few experts.
-        pick = np.unique(np.random.default_rng(0).integers(0, spec.experts, 3))
-        host = [np.asarray(x) for x in jax.jit(
-            lambda *l: [x[pick] for x in pad_layer(spec, l)])(*layer)]
-        for name, d, w in zip(NAMES4, self.out,
-                              _reference.prepare_layer(*host, gated=spec.gated)):
-            if not np.array_equal(np.stack([np.asarray(d[e]) for e in pick]), w):
-                raise AssertionError(f"device reference disagrees with numpy on {name}")
+        self.out = jax.block_until_ready(self.out)
 
     def check(self, outs, what: str) -> None:
         for name, got, want in zip(NAMES4, outs, self.out):
