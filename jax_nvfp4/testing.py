@@ -36,9 +36,18 @@ def random_device_layer(key, experts: int, hidden: int, intermediate: int, *,
     spec = LayerSpec(experts, hidden, intermediate, gated)
     with jax.default_device(device) if device is not None else _nullcontext():
         keys = jax.random.split(key, 4)
-        out = [jax.random.bits(k, s, jnp.uint8) for k, s in zip(keys, spec.shapes(padded=False))]
+        out = [_random_bytes(k, s) for k, s in zip(keys, spec.shapes(padded=False))]
         out[1], out[3] = (jax.lax.bitcast_convert_type(x, SCALE_DTYPE) for x in (out[1], out[3]))
     return out
+
+
+def _random_bytes(key, shape) -> jax.Array:
+    # Drawn as uint32 words and viewed as bytes: jax.random.bits(uint8) builds uint32
+    # intermediates of 4x the result (21 GiB for Kimi-K2's w13: out of memory on an H200).
+    if shape[-1] % 4:
+        return jax.random.bits(key, shape, jnp.uint8)
+    words = jax.random.bits(key, (*shape[:-1], shape[-1] // 4), jnp.uint32)
+    return jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(shape)
 
 
 def random_block_scales(rng: np.random.Generator, shape) -> np.ndarray:

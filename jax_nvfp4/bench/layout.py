@@ -229,9 +229,8 @@ class Reference:
     CHUNK_BYTES = 256 << 20  # host bytes per chunk of experts
 
     def __init__(self, spec: LayerSpec, layer):
-        # On the host: on the H200 every device form of this reference (one gather over the
-        # whole array, one per expert, stacked or written into a preallocated array) ran
-        # Kimi-K2's w13 out of memory, XLA asking for 4x its 5.3 GiB.
+        # On the host: independent of XLA, and no device memory beyond the result (device
+        # gathers over a whole array materialize int32 indices of 4x its size).
         self.spec = spec
         padded = LayerSpec(spec.experts, spec.padded_h, spec.padded_i, spec.gated)
         p13 = _reference.w13_row_index(padded.shapes(padded=False)[0][1], gated=spec.gated)
