@@ -25,7 +25,7 @@ from .backends import flashinfer, select, xla
 from .backends.triton import program as triton
 from .backends.triton.tiles import w13_in_one_pass
 from .layout.spec import (BLOCK, DEFAULT_HIDDEN_ALIGNMENT, NAMES, SCALE_DTYPE, LayerSpec,
-                          check_arrays)
+                          check_arrays, deleted_error)
 from .options import Options
 from .tree import marks as _marks, sharding as _sharding
 
@@ -285,6 +285,38 @@ def _crop_sizes(valid: LayerSpec, local: LayerSpec, hidden_size, intermediate_si
     return h, i_local
 
 
+# What plan_job decided for arrays of one signature (shapes, dtypes, shardings) and one set
+# of arguments, options and installed backends: the checks of shapes and shardings passed,
+# and the backend, spec and program they gave. A call that matches runs only the checks of
+# the arrays themselves (tracers, deleted, marked, copies) and the free-memory budget.
+# Measured on an H200 (benchmarks/fixed_cost.py): planning was 0.07-0.2 ms of a
+# 0.3-0.4 ms call on a tiny layer.
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _signature(arrays):
+    """``(shape, dtype, sharding)`` of each array, or None unless all four are concrete,
+    live jax.Arrays (numpy inputs and others take the full path)."""
+    out = []
+    for x in arrays:
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            return None
+        out.append((x.shape, x.dtype, x.sharding))
+    return tuple(out)
+
+
+def _environment(backend: str, inverse: bool, arrays, options: Options):
+    """What ``select.resolve_backend`` reads besides the arrays and options, for this call:
+    which packages import, the Triton interpreter, the route (tests patch these)."""
+    if inverse or backend == "xla" or (backend == "auto" and not select.on_cuda(arrays)):
+        return None
+    if backend == "flashinfer":
+        return flashinfer.missing()
+    return (triton.missing(), triton.interpreting(), triton.route(options),
+            flashinfer.missing() if backend == "auto" and options.auto_picks_flashinfer else None)
+
+
 def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
              hidden_alignment=DEFAULT_HIDDEN_ALIGNMENT, hidden_size=None,
              intermediate_size=None, caller=None) -> Job:
@@ -293,7 +325,8 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
     Every refusal of :func:`prepare_layer` is raised here, so callers that handle
     many layers (``prepare``, ``load``) can check them all before donating any.
     ``hidden_size``/``intermediate_size`` (inverse only): the valid sizes to crop to.
-    The options (``jax_nvfp4.options``) are read once, here.
+    The options (``jax_nvfp4.options``) are read once, here. Calls whose arrays and
+    arguments match an earlier valid call reuse its decisions (``_PLANS``).
     """
     options = _options.current()
     caller = caller or ("unprepare_layer" if inverse else "prepare_layer")
@@ -314,8 +347,25 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
         raise TypeError(f"donate must be a bool, got {donate!r}")
     if not inverse and (hidden_size is not None or intermediate_size is not None):
         raise TypeError(f"{caller}: hidden_size and intermediate_size are for unprepare_layer")
-    spec = valid = check_arrays(arrays, gated=gated, prepared=inverse, where=where,
-                                hidden_alignment=hidden_alignment)
+    sig = _signature(arrays) if len(arrays) == 4 else None
+    key = None
+    if sig is not None:
+        try:
+            key = (sig, gated, donate, backend, chunk_bytes, inverse, hidden_alignment,
+                   hidden_size, intermediate_size, options,
+                   _environment(backend, inverse, arrays, options))
+            hash(key)
+        except TypeError:  # an unhashable argument: it is refused below, with its message
+            key = None
+    decided = _PLANS.get(key) if key is not None else None
+    if decided is None:
+        spec = valid = check_arrays(arrays, gated=gated, prepared=inverse, where=where,
+                                    hidden_alignment=hidden_alignment)
+    else:
+        spec, valid, plan, crop, choice = decided
+        for name, x in zip(NAMES, arrays):
+            if x.is_deleted():
+                raise deleted_error(f"{where}{name}")
     for name, x in zip(NAMES, arrays):
         if not inverse and _marks.is_marked(x):
             raise ValueError(
@@ -332,16 +382,21 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
                     "copy of a prepared array?); preparing it again would shuffle it twice. "
                     "Use it as prepared, or unprepare_layer it first"
                 )
-    plan = _sharding.plan(arrays, gated=gated, prepared=inverse, where=where,
-                          hidden_alignment=hidden_alignment)
-    if plan is not None:  # sharded over a mesh: sizes and chunks are per device
-        spec = plan.local
-    crop = None
-    if inverse:
-        crop = _crop_sizes(valid, spec, hidden_size, intermediate_size, caller)
-    # Last of the checks: "flashinfer" may compile its module (~40 s) on first use.
-    choice = select.choose(backend, arrays, spec, donate=donate, inverse=inverse,
-                           options=options)
+    if decided is None:
+        plan = _sharding.plan(arrays, gated=gated, prepared=inverse, where=where,
+                              hidden_alignment=hidden_alignment)
+        if plan is not None:  # sharded over a mesh: sizes and chunks are per device
+            spec = plan.local
+        crop = None
+        if inverse:
+            crop = _crop_sizes(valid, spec, hidden_size, intermediate_size, caller)
+        # Last of the checks: "flashinfer" may compile its module (~40 s) on first use.
+        choice = select.choose(backend, arrays, spec, donate=donate, inverse=inverse,
+                               options=options)
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.pop(next(iter(_PLANS)))
+            _PLANS[key] = (spec, valid, plan, crop, choice)
     free = (free_bytes(next(iter(arrays[0].devices())))
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
     together = choice.backend == "triton" and not w13_in_one_pass(spec)

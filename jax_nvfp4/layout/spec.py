@@ -90,6 +90,15 @@ def _dtype_name(dt) -> str:
     return np.dtype(dt).name
 
 
+def deleted_error(label: str) -> ValueError:
+    """The refusal of an input that was donated before (``label``: the array's name)."""
+    return ValueError(
+        f"{label} has been deleted: it was donated to an earlier call "
+        "(prepare/prepare_layer consume their inputs by default). Use the arrays "
+        "that call returned, or pass donate=False to keep the inputs."
+    )
+
+
 def check_arrays(arrays, *, gated: bool, prepared: bool = False, where: str = "",
                  hidden_alignment: int = DEFAULT_HIDDEN_ALIGNMENT) -> LayerSpec:
     """Validate the four arrays of one layer and return its :class:`LayerSpec`.
@@ -116,11 +125,7 @@ def check_arrays(arrays, *, gated: bool, prepared: bool = False, where: str = ""
                 "wrapper; pass its array (e.g. param.get_value()) or call prepare() on the "
                 "tree, which unwraps and rewraps such leaves")
         if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted():
-            raise ValueError(
-                f"{label[name]} has been deleted: it was donated to an earlier call "
-                "(prepare/prepare_layer consume their inputs by default). Use the arrays "
-                "that call returned, or pass donate=False to keep the inputs."
-            )
+            raise deleted_error(label[name])
         if len(x.shape) != 3:
             raise ValueError(
                 f"{label[name]}: expected rank 3 [experts, rows, cols], got shape {tuple(x.shape)}"

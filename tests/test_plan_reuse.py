@@ -1,0 +1,62 @@
+"""A call that matches an earlier one (same shapes, dtypes, shardings, arguments, options)
+reuses its plan: the same bytes, and every per-array refusal still holds."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_nvfp4
+from jax_nvfp4 import options, transform
+from jax_nvfp4.layout import reference as _reference
+from helpers import random_layer, to_jax
+
+
+def _bytes(x):
+    return np.asarray(x).view(np.uint8)
+
+
+def test_a_matching_call_reuses_the_plan_and_gives_the_same_bytes(rng):
+    host = random_layer(rng, 3, 256, 64)
+    want = _reference.prepare_layer(*host)
+    jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
+    plans = dict(transform._PLANS)
+    for donate in (False, True, True):
+        out = jax_nvfp4.prepare_layer(*to_jax(host), donate=donate)
+        for g, w in zip(out, want):
+            np.testing.assert_array_equal(_bytes(g).reshape(w.shape), w)
+    donated = len(transform._PLANS) - len(plans)
+    assert donated == 1  # one new plan for donate=True, reused by the second call
+    again = jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
+    assert len(transform._PLANS) == len(plans) + 1
+    np.testing.assert_array_equal(_bytes(again[0]), want[0])
+
+
+def test_a_reused_plan_still_refuses_deleted_marked_and_repeated_arrays(rng):
+    host = random_layer(rng, 2, 256, 64)
+    layer = to_jax(host)
+    out = jax_nvfp4.prepare_layer(*to_jax(host), donate=True)  # the plan for these arrays
+    with pytest.raises(ValueError, match="already in the TRT-LLM layout"):
+        jax_nvfp4.prepare_layer(*out)  # same signature as the inputs: a reused plan
+    jax_nvfp4.prepare_layer(*layer)
+    with pytest.raises(ValueError, match=r"w13_weight has been deleted"):
+        jax_nvfp4.prepare_layer(*layer)
+    # Not gated with I = H: w13 and w2 have one shape, so one array can be passed twice.
+    square = random_layer(rng, 2, 256, 256, gated=False)
+    jax_nvfp4.prepare_layer(*to_jax(square), gated=False)
+    fresh = to_jax(square)
+    with pytest.raises(ValueError, match="distinct"):
+        jax_nvfp4.prepare_layer(fresh[0], fresh[1], fresh[0], fresh[1], gated=False)
+    assert not any(x.is_deleted() for x in fresh)
+
+
+def test_changed_options_or_arguments_plan_again(rng):
+    host = random_layer(rng, 2, 256, 64)
+    jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
+    before = len(transform._PLANS)
+    with options.override(min_chunk_bytes=1 << 12):
+        jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
+    jax_nvfp4.prepare_layer(*to_jax(host), donate=False, hidden_alignment=128)
+    jax_nvfp4.prepare_layer(*to_jax(host, scale_dtype=jnp.uint8), donate=False)
+    assert len(transform._PLANS) == before + 3
