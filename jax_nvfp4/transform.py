@@ -23,7 +23,7 @@ import numpy as np
 from . import options as _options
 from .backends import flashinfer, select, xla
 from .backends.triton import program as triton
-from .backends.triton.tiles import w13_in_one_pass
+from .backends.triton.tiles import w13_by_cycles, w13_in_one_pass
 from .layout.spec import (BLOCK, DEFAULT_HIDDEN_ALIGNMENT, NAMES, SCALE_DTYPE, LayerSpec,
                           check_arrays, deleted_error)
 from .options import Options
@@ -351,8 +351,10 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
     key = None
     if sig is not None:
         try:
-            key = (sig, gated, donate, backend, chunk_bytes, inverse, hidden_alignment,
-                   hidden_size, intermediate_size, options,
+            # Typed: 256.0 == 256 and True == 1, but those are refused, not the same call.
+            key = (sig, gated, donate, backend, inverse, options,
+                   *((type(v), v) for v in (chunk_bytes, hidden_alignment, hidden_size,
+                                            intermediate_size)),
                    _environment(backend, inverse, arrays, options))
             hash(key)
         except TypeError:  # an unhashable argument: it is refused below, with its message
@@ -399,7 +401,7 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
             _PLANS[key] = (spec, valid, plan, crop, choice)
     free = (free_bytes(next(iter(arrays[0].devices())))
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
-    together = choice.backend == "triton" and not w13_in_one_pass(spec)
+    together = choice.backend == "triton" and not (w13_in_one_pass(spec) or w13_by_cycles(spec))
     chunks = experts_per_chunk(spec, chunk_bytes, free, w13_together=together, options=options)
     program = compiled(spec, inverse=inverse, donate=donate, chunks=chunks,
                        backend=choice.backend, pallas=choice.pallas, plan=plan, crop=crop,

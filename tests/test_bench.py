@@ -79,9 +79,10 @@ def test_variants_are_timed_round_by_round_and_a_failing_one_is_dropped(capsys):
     try:
         alive = layout._interleaved([a, b, c], "time_wall", rounds=3, warmup=1, label="s")
         assert alive == [a, c]
-        # one warm-up round, then three rounds of every variant in turn (b fails in round 3)
-        assert calls == ["a", "b", "c"] * 3 + ["a", "b", "c"]
-        assert a.wall == [4.0, 7.0, 10.0] and c.wall == [6.0, 9.0, 12.0]
+        # one warm-up round, then three rounds of every variant, each round starting one
+        # later (b fails in the last round, its third timed call)
+        assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+        assert a.wall == [6.0, 8.0, 10.0] and c.wall == [5.0, 7.0, 12.0]
         assert layout.FAILURES[before:] == ["s b: RuntimeError"]
         assert "FAILED: s jax_nvfp4 b" in capsys.readouterr().out
     finally:

@@ -17,6 +17,11 @@ def _bytes(x):
     return np.asarray(x).view(np.uint8)
 
 
+@pytest.fixture(autouse=True)
+def no_plans(monkeypatch):
+    monkeypatch.setattr(transform, "_PLANS", {})
+
+
 def test_a_matching_call_reuses_the_plan_and_gives_the_same_bytes(rng):
     host = random_layer(rng, 3, 256, 64)
     want = _reference.prepare_layer(*host)
@@ -60,3 +65,7 @@ def test_changed_options_or_arguments_plan_again(rng):
     jax_nvfp4.prepare_layer(*to_jax(host), donate=False, hidden_alignment=128)
     jax_nvfp4.prepare_layer(*to_jax(host, scale_dtype=jnp.uint8), donate=False)
     assert len(transform._PLANS) == before + 3
+    with pytest.raises(TypeError, match="hidden_alignment must be an int"):
+        jax_nvfp4.prepare_layer(*to_jax(host), donate=False, hidden_alignment=256.0)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        jax_nvfp4.prepare_layer(*to_jax(host), chunk_bytes=True)

@@ -38,6 +38,7 @@ interpreted = pytest.mark.skipif(
     (4, 128, 1024, True, 1 << 16),   # 2I = 2048 in one pass, rows wider than a block
     (3, 128, 192, True, 40000),      # 2I = 384 in one pass (512 lanes, 128 masked)
     (2, 128, 1536, True, 1 << 16),   # 2I = 3072: w13 through scratch, 2 chunks
+    (3, 128, 2048, True, 1 << 16),   # 2I = 4096: w13 by the cycles of its permutation
     (2, 192, 64, True, None),        # H padded to 256: every array read unpadded
     (3, 320, 128, False, None),      # not gated, H padded to 384
 ])
@@ -113,6 +114,32 @@ def test_w13_moves_in_one_pass_up_to_2048_rows():
     assert _triton.w13_in_one_pass(LayerSpec(8, 256, 1024, True))       # 2I = 2048
     assert not _triton.w13_in_one_pass(LayerSpec(256, 7168, 2048, True))  # 4096: DeepSeek-V3
     assert not _triton.w13_in_one_pass(LayerSpec(8, 256, 128, False))   # not gated
+
+
+def test_w13_moves_by_cycles_where_2i_is_a_larger_power_of_two():
+    from jax_nvfp4.backends.triton import tiles
+    import numpy as np
+    for rows in (4096, 8192, 16384):
+        table = tiles.cycle_table(rows)
+        assert table.dtype == np.int32 and table.shape[1] == tiles.CYCLE_SLOTS
+        x = np.arange(rows) * 7 + 3
+        moved = x.copy()
+        for cycle in table:
+            c = cycle[cycle >= 0]
+            assert len(c) >= 2 and (cycle[len(c):] == -1).all()
+            moved[c] = moved[np.roll(c, -1)]
+        np.testing.assert_array_equal(moved, x[_reference.w13_row_index(rows, gated=True)])
+        assert len(np.unique(table[table >= 0])) == (table >= 0).sum()  # each row once
+    for rows in (3072, 1536, 7168):  # cycles of hundreds of rows: through scratch
+        assert tiles.cycle_table(rows) is None
+    deepseek, kimi = LayerSpec(256, 7168, 2048, True), LayerSpec(384, 7168, 2048, True)
+    for spec in (deepseek, kimi):
+        assert tiles.w13_by_cycles(spec) and not tiles.w13_through_scratch(spec)
+        per_scales = 4096 * 7168 // 16
+        assert tiles.scratch_bytes(spec, (4, 9, 4, 4)) == 9 * per_scales  # scales alone
+    assert not tiles.w13_by_cycles(LayerSpec(128, 2048, 768, True))  # one pass (whole)
+    assert tiles.w13_through_scratch(LayerSpec(8, 2048, 1536, True))
+    assert not tiles.w13_by_cycles(LayerSpec(8, 2048, 2048, False))  # not gated
 
 
 def test_triton_on_cpu_without_the_interpreter_is_refused_before_donation(rng, monkeypatch):
@@ -212,6 +239,19 @@ for n in (8, 9, 10):
                          target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=launch.warps)).asm["ptx"]
     print(n, "v4" if "ld.global.v4" in ptx else "scalar")
+# The first in-place call with w13 by cycles: the four arrays and the table, then results.
+spec = LayerSpec(64, 7168, 2048, True)
+launch = _triton._plan(spec, (8, 8, 8, 8))[0]
+assert launch.segments[1].kind == k.CYCLES
+_, consts = k.xla_call_args(launch, [0, 1, 2, 3, 9, 4])
+fn = k.XLA_KERNELS[10]
+sig = {a: "constexpr" if a in consts else "i32" if a[0] == "o" else "*i32" if a == "b4" else
+       "*fp8e4nv" if a in ("b1", "b3", "b6", "b8") else "*u8" for a in fn.arg_names}
+attrs = {(j,): [["tt.divisibility", 16]] for j, a in enumerate(fn.arg_names) if a[0] == "b"}
+ptx = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                     target=GPUTarget("cuda", 90, 32),
+                     options=dict(num_warps=launch.warps)).asm["ptx"]
+print("cycles", "v4" if "ld.global.v4" in ptx else "scalar")
 """
 
 
@@ -229,7 +269,7 @@ def test_xla_route_kernels_compile_for_hopper_without_a_gpu():
     if r.returncode and ("ptxas" in r.stderr.lower() or "GPUTarget" in r.stderr):
         pytest.skip(f"this Triton cannot compile for CUDA here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["8", "v4", "9", "v4", "10", "v4"]
+    assert r.stdout.split() == ["8", "v4", "9", "v4", "10", "v4", "cycles", "v4"]
 
 
 def test_importing_jax_triton_keeps_tritons_cache_dir(monkeypatch, tmp_path):

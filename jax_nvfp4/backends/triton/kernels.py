@@ -105,6 +105,27 @@ def _whole(buf, pid, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, RP: 
 
 
 @triton.jit
+def _cycles(table, buf, pid, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+            NCYC: tl.constexpr, SLOTS: tl.constexpr):
+    # Gated w13 in place, one cycle of its row permutation (``tiles.cycle_table``: SLOTS
+    # row numbers, -1 past the end) x BK units of one expert: row c[k] takes row c[k+1]'s
+    # bytes, the last takes c[0]'s. One pass over w13.
+    ncb: tl.constexpr = (K + BK - 1) // BK
+    e = pid // (NCYC * ncb)
+    j = (pid // ncb) % NCYC
+    k = (pid % ncb) * BK + tl.arange(0, BK)
+    slot = tl.arange(0, SLOTS)
+    here = tl.load(table + j * SLOTS + slot)
+    length = tl.sum((here >= 0).to(tl.int32), axis=0)
+    there = tl.load(table + j * SLOTS + tl.where(slot + 1 < length, slot + 1, 0))
+    base = buf + e.to(tl.int64) * (ROWS * K)
+    mask = (here >= 0)[:, None] & (k < K)[None, :]
+    x = tl.load(base + there.to(tl.int64)[:, None] * K + k[None, :], mask=mask)
+    tl.debug_barrier()  # every read of the cycle before any write
+    tl.store(base + here.to(tl.int64)[:, None] * K + k[None, :], x, mask=mask)
+
+
+@triton.jit
 def _scales(src, dst, pid, ROWS: tl.constexpr, CU: tl.constexpr, BC: tl.constexpr,
             NT: tl.constexpr, GATED: tl.constexpr, IN_PLACE: tl.constexpr, SHALF: tl.constexpr,
             SCU: tl.constexpr):
@@ -143,6 +164,8 @@ def _segment(src, dst, pid, KIND: tl.constexpr, A: tl.constexpr, B: tl.constexpr
         _scales(src, dst, pid, A, B, C, D, G, P, S, T)
     elif KIND == 3:
         _whole(dst, pid, A, B, C, D)
+    elif KIND == 4:
+        _cycles(src, dst, pid, A, B, C, D, G)
     else:
         _copy(src, dst, pid, A, B)
 
@@ -177,7 +200,7 @@ def _layer_kernel(s0, d0, s1, d1, s2, d2, s3, d3,
             _segment(s3, d3, pid - N0 - N1 - N2, KIND3, A3, B3, C3, D3, G3, P3, S3, T3)
 
 
-ROWS, SCALES, COPY, WHOLE = 0, 1, 2, 3
+ROWS, SCALES, COPY, WHOLE, CYCLES = 0, 1, 2, 3, 4
 # Units (4 bytes) a program moves at most: small rows are batched into larger programs.
 TILE_UNITS = 8192
 COPY_BLOCK = 8192
@@ -255,6 +278,17 @@ def rows(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=
                    32 * ng * bk, src, dst, src_off, dst_off)
 
 
+def cycles(shape, *, table, dst, ncycles):
+    """Gated ``[E, rows, K]`` w13 in place by the cycles of its row permutation: buffer
+    ``table`` holds ``tiles.cycle_table(rows)`` (``ncycles`` of them), ``dst`` the array."""
+    e, r, k = shape
+    ku = k // 4
+    bk = min(tiles.CYCLE_UNITS, triton.next_power_of_2(ku))
+    return Segment(CYCLES, e * ncycles * triton.cdiv(ku, bk),
+                   (r, ku, bk, ncycles, tiles.CYCLE_SLOTS, True, 0, 0),
+                   tiles.CYCLE_SLOTS * bk, table, dst)
+
+
 def scales(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None,
            source=None):
     """Permuting the rows and swizzling ``experts`` experts of ``[E, rows, C]`` scales (out
@@ -279,15 +313,17 @@ def copy(nbytes, *, src, dst, src_off=0, dst_off=0):
 
 
 def layer_launches(shapes, *, gated: bool, chunk=None, w13_one_pass: bool = False,
-                   sources=None):
+                   w13_cycles: int = 0, sources=None):
     """Every launch (a tuple of segments) that prepares one layer of padded ``shapes``.
 
     Buffers: out of place (``chunk=None``) 0-3 are the sources and 4-7 the
     destinations; ``sources``: the shapes the sources have (unpadded: the padding is
     written as zeros on the way; default ``shapes``). In place 0-3 are the arrays and 4
     the scratch, which holds ``chunk`` experts of gated w13 and then of their scales, or
-    of the scales alone with ``w13_one_pass`` (``tiles.scratch_bytes``). In place, the
-    arrays that move in one pass run beside the first chunk.
+    of the scales alone with ``w13_one_pass`` or ``w13_cycles`` (``tiles.scratch_bytes``);
+    ``w13_cycles``: the number of cycles of w13's row permutation, their table in buffer
+    5 (``tiles.cycle_table``), gated w13 moved by them. In place, the arrays that move in
+    one pass run beside the first chunk.
     """
     if chunk is None:
         src = [None if s is None or tuple(s) == tuple(p) else tuple(s)
@@ -303,9 +339,11 @@ def layer_launches(shapes, *, gated: bool, chunk=None, w13_one_pass: bool = Fals
                  scales(shapes[1], gated=False, in_place=True, src=1, dst=1), *tail)]
     e = shapes[0][0]
     per = [s[1] * s[2] for s in shapes[:2]]
-    through = (1,) if w13_one_pass else (0, 1)  # what goes through scratch, in its order
+    through = (1,) if w13_one_pass or w13_cycles else (0, 1)  # through scratch, in order
     if w13_one_pass:
         tail = (rows(shapes[0], gated=True, in_place=True, src=0, dst=0), *tail)
+    elif w13_cycles:
+        tail = (cycles(shapes[0], table=5, dst=0, ncycles=w13_cycles), *tail)
     out = []
     for start in range(0, e, chunk):
         n = min(chunk, e - start)
@@ -456,7 +494,9 @@ def _pick(i: tl.constexpr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9):
 # One kernel per number of buffers a call has (a Triton kernel's parameters are fixed):
 # 2 = one array out of place (``array_programs``), 8 = four operands + four results (out
 # of place, or in place without scratch), 9 = the first in-place call (its results: the
-# four arrays aliased, then the new scratch), 10 = later in-place calls (four arrays and the scratch, operands aliased to results).
+# four arrays aliased, then the new scratch), 10 = later in-place calls (four arrays and the
+# scratch, operands aliased to results), or the first with w13 by cycles (the four arrays
+# and the cycle table, then the four aliased and the new scratch).
 # Only the parameter lists differ, so each is generated from one template: the offsets,
 # the call's buffers, X0..X7 (which buffer each of _layer_kernel's eight pointers is), then
 # _layer_kernel's constants. The buffers a call lacks are b0 in _pick (never picked).

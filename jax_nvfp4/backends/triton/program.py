@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from ...layout import steps
 from ...layout.spec import LayerSpec
 from ...options import Options, check_route, current
-from .tiles import scratch_bytes, w13_in_one_pass
+from .tiles import cycle_table, scratch_bytes, w13_by_cycles, w13_in_one_pass
 
 INSTALL_HINT = 'pip install "jax-nvfp4[triton]" (a CUDA build of torch, which brings triton)'
 
@@ -127,6 +127,7 @@ def layer_program(spec: LayerSpec, *, chunks, via: str = "callback"):
 
     in_place = chunks is not None
     extra = scratch_bytes(spec, chunks) if in_place else 0
+    table = _cycles(spec) if in_place else None
     # Every launch is planned here, at trace time; the callback only launches.
     callback = _callback(_plan(spec, chunks if in_place else None), in_place=in_place)
     pads = _pads(spec)
@@ -138,7 +139,7 @@ def layer_program(spec: LayerSpec, *, chunks, via: str = "callback"):
             shapes.append(jax.ShapeDtypeStruct((extra,), jnp.uint8))
         call = buffer_callback(callback, shapes,
                                input_output_aliases={i: i for i in range(4)} if in_place else None)
-        return tuple(call(*arrays)[:4])
+        return tuple(call(*arrays, *(() if table is None else (jnp.asarray(table),)))[:4])
 
     return program
 
@@ -194,7 +195,8 @@ def _callback(launches, *, in_place: bool):
     from . import kernels as k
 
     def callback(ctx, outs, *ins):
-        buffers = outs if in_place else (*ins, *outs)
+        # In place: the results (arrays, scratch), then the cycle table where there is one.
+        buffers = (*outs, *ins[4:]) if in_place else (*ins, *outs)
         kind, index = outs[0].__dlpack_device__()
         tensors = lambda: [torch_bytes(b) for b in buffers]  # noqa: E731
         if kind == 2:  # kDLCUDA: XLA's stream and device, raw pointers
@@ -225,16 +227,24 @@ def _results(spec: LayerSpec, arrays):
     return [jax.ShapeDtypeStruct(s, x.dtype) for s, x in zip(spec.shapes(padded=True), arrays)]
 
 
+def _cycles(spec: LayerSpec):
+    """The cycle table of gated w13 in place (``tiles.cycle_table``), or None where w13
+    moves otherwise."""
+    return cycle_table(spec.shapes(padded=True)[0][1]) if w13_by_cycles(spec) else None
+
+
 def _plan(spec: LayerSpec, chunks):
     from . import kernels as k
 
     one_pass = w13_in_one_pass(spec)
+    table = _cycles(spec) if chunks is not None else None
     sources = [raw if unpadded else padded for raw, padded, unpadded in zip(
         spec.shapes(padded=False), spec.shapes(padded=True), _read_unpadded(spec))]
     return k.plan(k.layer_launches(
         spec.shapes(padded=True), gated=spec.gated, w13_one_pass=one_pass,
-        chunk=None if chunks is None else chunks[1] if one_pass else chunks[0],
-        sources=sources))
+        w13_cycles=0 if table is None else len(table),
+        chunk=None if chunks is None else chunks[1] if one_pass or table is not None
+        else chunks[0], sources=sources))
 
 
 def _xla_program(spec: LayerSpec, *, chunks):
@@ -251,6 +261,7 @@ def _xla_program(spec: LayerSpec, *, chunks):
 
     in_place = chunks is not None
     extra = scratch_bytes(spec, chunks) if in_place else 0
+    table = _cycles(spec) if in_place else None
     launches = _plan(spec, chunks)
     pads = _pads(spec)
 
@@ -272,9 +283,12 @@ def _xla_program(spec: LayerSpec, *, chunks):
             (launch,) = launches
             return tuple(call(launch, arrays, shapes, four, list(range(4))))
         scratch_shape = jax.ShapeDtypeStruct((extra,), jnp.uint8)
-        # First call: operands 0-3, results 4-7 (aliased) and 8 (the scratch).
-        *arrays, scratch = call(launches[0], arrays, [*shapes, scratch_shape], four,
-                                [0, 1, 2, 3, 8])
+        if table is None:  # first call: operands 0-3, results 4-7 (aliased), 8 the scratch
+            *arrays, scratch = call(launches[0], arrays, [*shapes, scratch_shape], four,
+                                    [0, 1, 2, 3, 8])
+        else:  # operands 0-3 and 4 the cycle table, results 5-8 (aliased), 9 the scratch
+            *arrays, scratch = call(launches[0], [*arrays, jnp.asarray(table)],
+                                    [*shapes, scratch_shape], four, [0, 1, 2, 3, 9, 4])
         for launch in launches[1:]:  # operands 0-4 (arrays, scratch), results aliased
             *arrays, scratch = call(launch, [*arrays, scratch], [*shapes, scratch_shape],
                                     {i: i for i in range(5)}, list(range(5)))

@@ -4,7 +4,10 @@ triton), shared by ``program`` (the plan) and ``kernels`` (the launches)."""
 
 from __future__ import annotations
 
+import functools
 import math
+
+import numpy as np
 
 from ...layout.spec import LayerSpec
 
@@ -38,13 +41,65 @@ def w13_in_one_pass(spec: LayerSpec) -> bool:
     return spec.gated and whole_rows_fit(spec.shapes(padded=True)[0][1])
 
 
+# Larger gated w13 moves in place by the cycles of its row permutation where they are short:
+# a program holds one cycle (at most CYCLE_SLOTS rows) for a block of columns, and writes
+# each row with the next one's bytes; one pass. Where 2I is a power of two the permutation
+# permutes the bits of the row index and its cycles are at most log2(2I) long (4096 rows:
+# 352 cycles, at most 12); other sizes have cycles of thousands of rows: those keep scratch.
+CYCLE_SLOTS = 16
+CYCLE_UNITS = 128  # four-byte columns a cycle's program moves (a power of two)
+
+
+@functools.lru_cache(maxsize=16)
+def cycle_table(rows: int) -> np.ndarray | None:
+    """The cycles of gated w13's row permutation (``rows = 2I``; destination row ``d`` takes
+    source row ``_reference.w13_row_index(rows)[d]``) as int32 ``[cycles, CYCLE_SLOTS]``,
+    each row ``c0, c1, ...`` with ``c[k + 1]`` the source of ``c[k]`` (the last's source is
+    ``c0``), -1 past its end; rows that stay are left out. None where a cycle is longer
+    than ``CYCLE_SLOTS`` or ``rows`` is not a multiple of 32."""
+    if rows % 32 or rows < 32:
+        return None
+    d = np.arange(rows)
+    r, q = d % 32, d // 32
+    source = ((r // 8) % 2) * (rows // 2) + 16 * q + 2 * (r % 8) + r // 16
+    seen = np.zeros(rows, bool)
+    cycles = []
+    for start in range(rows):
+        if seen[start]:
+            continue
+        cycle, row = [], start
+        while not seen[row]:
+            seen[row] = True
+            cycle.append(row)
+            row = source[row]
+            if len(cycle) > CYCLE_SLOTS:
+                return None
+        if len(cycle) > 1:
+            cycles.append(cycle + [-1] * (CYCLE_SLOTS - len(cycle)))
+    table = np.asarray(cycles, np.int32).reshape(-1, CYCLE_SLOTS)
+    table.setflags(write=False)
+    return table
+
+
+def w13_by_cycles(spec: LayerSpec) -> bool:
+    """Whether the in-place program moves gated w13 in one pass by its cycles (not one
+    program per expert's rows: they do not fit; cycles short enough: ``cycle_table``)."""
+    return (spec.gated and not w13_in_one_pass(spec)
+            and cycle_table(spec.shapes(padded=True)[0][1]) is not None)
+
+
+def w13_through_scratch(spec: LayerSpec) -> bool:
+    """Whether gated w13 goes through the scratch chunk in place (two passes)."""
+    return spec.gated and not w13_in_one_pass(spec) and not w13_by_cycles(spec)
+
+
 def scratch_bytes(spec: LayerSpec, chunks) -> int:
     """Scratch of the in-place program: a chunk of gated w13's scales, and of w13 itself
-    unless it moves in one pass (0 when not gated: every group is its own source).
+    where it goes through scratch (0 when not gated: every group is its own source).
     Chunks (experts) are ``chunks[1]`` for the scales alone, else ``chunks[0]``."""
     if not spec.gated or chunks is None:
         return 0
     per = [math.prod(s[1:]) for s in spec.shapes(padded=True)[:2]]
-    if w13_in_one_pass(spec):
+    if not w13_through_scratch(spec):
         return min(chunks[1], spec.experts) * per[1]
     return min(chunks[0], spec.experts) * (per[0] + per[1])
