@@ -47,7 +47,10 @@ def w13_in_one_pass(spec: LayerSpec) -> bool:
 # permutes the bits of the row index and its cycles are at most log2(2I) long (4096 rows:
 # 352 cycles, at most 12); other sizes have cycles of thousands of rows: those keep scratch.
 CYCLE_SLOTS = 16
-CYCLE_UNITS = 128  # four-byte columns a cycle's program moves (a power of two)
+# Four-byte columns a cycle's program moves (a power of two). DeepSeek-V3 donated on an H200
+# (benchmarks/results/h200-2026-12-04-a704f69-cycles-sweep.log; floor 3.07 ms): device 5.04 ms
+# at 64, 6.61 at 128, 4.66 at 256, 3.81 at 512, 3.98 at 1024; through scratch 5.38.
+CYCLE_UNITS = 512
 
 
 @functools.lru_cache(maxsize=16)
