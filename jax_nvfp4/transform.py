@@ -306,10 +306,17 @@ def _signature(arrays):
     return tuple(out)
 
 
-def _environment(backend: str, inverse: bool, arrays, options: Options):
+@functools.lru_cache(maxsize=256)
+def _sharding_on_cuda(sharding) -> bool:
+    return all(select.is_cuda(d) for d in sharding.device_set)
+
+
+def _environment(backend: str, inverse: bool, sig, options: Options):
     """What ``select.resolve_backend`` reads besides the arrays and options, for this call:
-    which packages import, the Triton interpreter, the route (tests patch these)."""
-    if inverse or backend == "xla" or (backend == "auto" and not select.on_cuda(arrays)):
+    which packages import, the Triton interpreter, the route (tests patch these).
+    ``sig``: the arrays' ``_signature``."""
+    if inverse or backend == "xla" or (
+            backend == "auto" and not all(_sharding_on_cuda(s) for _, _, s in sig)):
         return None
     if backend == "flashinfer":
         return flashinfer.missing()
@@ -355,7 +362,7 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
             key = (sig, gated, donate, backend, inverse, options,
                    *((type(v), v) for v in (chunk_bytes, hidden_alignment, hidden_size,
                                             intermediate_size)),
-                   _environment(backend, inverse, arrays, options))
+                   _environment(backend, inverse, sig, options))
             hash(key)
         except TypeError:  # an unhashable argument: it is refused below, with its message
             key = None

@@ -30,14 +30,17 @@ def _devices(arrays):
     return out
 
 
-def on_cuda(arrays) -> bool:
-    """Whether every array is a jax.Array on CUDA GPUs (not ROCm)."""
+def is_cuda(device) -> bool:
+    """Whether ``device`` is a CUDA GPU (not ROCm)."""
+    return device.platform == "gpu" and "rocm" not in str(
+        getattr(device.client, "platform_version", "")).lower()
+
+
+def _on_cuda(arrays) -> bool:
     if not all(isinstance(x, jax.Array) for x in arrays):
         return False
     devices = _devices(arrays)
-    return bool(devices) and all(
-        d.platform == "gpu" and "rocm" not in str(getattr(d.client, "platform_version", "")).lower()
-        for d in devices)
+    return bool(devices) and all(is_cuda(d) for d in devices)
 
 
 def _where(arrays) -> str:
@@ -113,17 +116,17 @@ def resolve_backend(backend: str, arrays, *, inverse: bool = False,
     if inverse or backend == "xla":
         return "xla"
     if backend == "auto":
-        if (options.auto_picks_triton and auto_triton and on_cuda(arrays)
+        if (options.auto_picks_triton and auto_triton and _on_cuda(arrays)
                 and triton.missing() is None):
             return "triton"
-        if options.auto_picks_flashinfer and on_cuda(arrays) and flashinfer.missing() is None:
+        if options.auto_picks_flashinfer and _on_cuda(arrays) and flashinfer.missing() is None:
             return "flashinfer"
         return "xla"
     if backend == "triton":
         missing = triton.missing()
         if missing:
             raise ImportError(f'backend="triton": {missing}; or use backend="xla"')
-        if not (on_cuda(arrays) or (_on_cpu(arrays) and triton.interpreting())):
+        if not (_on_cuda(arrays) or (_on_cpu(arrays) and triton.interpreting())):
             raise ValueError(
                 f'backend="triton" needs the arrays on a CUDA GPU; they are on {_where(arrays)}. '
                 'Use backend="xla" (any platform) or jax.device_put them to a CUDA device first'
@@ -132,7 +135,7 @@ def resolve_backend(backend: str, arrays, *, inverse: bool = False,
     missing = flashinfer.missing()
     if missing:
         raise ImportError(f'backend="flashinfer": {missing}; or use backend="xla"')
-    if not on_cuda(arrays):
+    if not _on_cuda(arrays):
         raise ValueError(
             'backend="flashinfer" needs the arrays on a CUDA GPU (flashinfer\'s kernel is '
             f"CUDA only); they are on {_where(arrays)}. Use backend=\"xla\" (any platform) "
