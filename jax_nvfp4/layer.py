@@ -56,8 +56,8 @@ def prepare_layer(w13_weight, w13_weight_scale, w2_weight, w2_weight_scale, *,
         flashinfer (measured slower). The rule and its measurements:
         ``jax_nvfp4.backends.select.auto_takes_triton``.
     chunk_bytes : int, optional, keyword-only
-        Scratch budget of the in-place loop (with ``"triton"``: gated w13 and its scales
-        go through it together; default: 1/32 of the layer, at least
+        Scratch budget of the in-place loop (with ``"triton"``: gated w13's scales, and
+        w13 with them where it cannot move in one pass; default: 1/32 of the layer, at least
         64 MiB, at most 1/8 of the device's free memory): larger may be faster,
         smaller needs less free memory. Ignored with ``donate=False``.
     hidden_alignment : int, keyword-only

@@ -85,7 +85,8 @@ def auto_takes_triton(spec: LayerSpec, *, donate: bool, inverse: bool = False,
     if spec.needs_padding or donate:  # out of place with padding, or in place:
         # Qwen3-30B TP8 (40 MB, padded) triton 0.071 [0.105] vs xla 0.131 donated, 0.079 vs
         # 0.128 not; Nemotron-3-Nano (padded) 0.403 vs 1.685; donated Qwen3-30B-A3B 0.305
-        # vs 0.375, DeepSeek-V3 TP8 0.490 vs 0.843, EP8 (w13 through scratch) 0.746 vs 0.822.
+        # vs 0.375, DeepSeek-V3 TP8 0.490 vs 0.843, EP8 0.746 vs 0.822 (w13 through scratch;
+        # by cycles since, h200-2026-12-04-049874a.json: 0.497 vs 0.829).
         return True
     # Not donated, not padded: equal on the device (Qwen3-30B-A3B 0.200 both, DeepSeek-V3
     # TP8 0.413 vs 0.442, EP8 0.409 vs 0.418); XLA's wall is lower where it differs

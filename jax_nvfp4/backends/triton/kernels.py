@@ -14,9 +14,10 @@ source of a group is the group itself (not gated: shuffle groups map onto
 themselves, and so do whole swizzle tiles), the same kernel works in place: the
 barrier between load and store makes every read happen before any write. Gated
 w13 mixes the two halves, so its closed group is a whole expert's rows: in place
-a program takes them all for a few columns where they fit (2I up to 1024),
-otherwise w13 goes through a scratch chunk, as its scales always do
-(``layer_launches``).
+a program takes them all for a few columns where they fit (2I up to 2048); where 2I
+is a larger power of two, a program takes one cycle of the permutation (at most 16
+rows, ``tiles.cycle_table``) and writes each of its rows with the next one's bytes;
+otherwise w13 goes through a scratch chunk, as its scales always do (``layer_launches``).
 
 One launch runs up to four such *segments* (arrays, or chunks of them): program
 ids are split between them, so small arrays share a launch instead of each

@@ -6,7 +6,9 @@ and Pallas' Triton lowering (deprecated in jax 0.11) indexes arrays of 2-4 GiB
 in int32, so DeepSeek-V3's 3.76 GB w13 came out wrong there. These kernels move
 4-byte units with 64-bit offsets, fuse rows and swizzle for the scales, and work
 in place in one pass wherever a group of rows is its own source (everything but
-gated w13 and its scales, which go through one chunk of scratch).
+gated w13 and its scales), gated w13 in one pass where a program holds an expert's rows
+(2I up to 2048) or where 2I is a larger power of two (by the cycles of its row
+permutation), else through one chunk of scratch, as its scales always are.
 
 They are launched by XLA itself where jax-triton imports (``route() == "xla"``:
 jaxlib's ``triton_kernel_call`` custom call, one per launch, no Python at call time),
