@@ -404,7 +404,10 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
                                options=options)
         if key is not None:
             if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.pop(next(iter(_PLANS)))
+                try:  # the oldest; another thread may be evicting too
+                    _PLANS.pop(next(iter(_PLANS)), None)
+                except (RuntimeError, StopIteration):
+                    pass
             _PLANS[key] = (spec, valid, plan, crop, choice)
     free = (free_bytes(next(iter(arrays[0].devices())))
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)

@@ -69,3 +69,11 @@ def test_changed_options_or_arguments_plan_again(rng):
         jax_nvfp4.prepare_layer(*to_jax(host), donate=False, hidden_alignment=256.0)
     with pytest.raises(ValueError, match="chunk_bytes"):
         jax_nvfp4.prepare_layer(*to_jax(host), chunk_bytes=True)
+
+
+def test_plans_are_bounded(rng, monkeypatch):
+    monkeypatch.setattr(transform, "_MAX_PLANS", 2)
+    for e in (1, 2, 3):
+        jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, e, 128, 64)), donate=False)
+    assert len(transform._PLANS) == 2
+    assert [k[0][0][0][0] for k in transform._PLANS] == [2, 3]  # the oldest went first
