@@ -7,7 +7,7 @@ implementations written from the published algorithms: sglang before PR
 #26861 (per-expert lists + ``torch.stack``) and after it / vLLM 0.33
 (preallocated outputs, ``index_select(out=)``, one scratch per array). Every
 result is checked byte for byte against an independent reference (the index
-formulas of ``_reference``, run on the device) before its time is kept.
+formulas of ``_reference``, run in numpy on the host) before its time is kept.
 Times are medians over repeats after a warm-up, synchronized with
 ``block_until_ready`` (JAX) or CUDA events (torch). The jax_nvfp4 variants of a layer
 are timed round by round, each once per round, so that they compare (``auto`` against
@@ -415,6 +415,13 @@ class _Variant:
         return (impl, _median_ms(self.wall), max(poll.extra, analysed), gpu_ms)
 
 
+def _failed(label: str, variant, error: Exception) -> None:
+    """Report a variant that raised (wrong bytes or an error): it is not timed."""
+    print(f"FAILED: {label} jax_nvfp4 {variant.label}: {type(error).__name__}: "
+          f"{str(error)[:2000]}", flush=True)
+    FAILURES.append(f"{label} {variant.label}: {type(error).__name__}")
+
+
 def _interleaved(variants, step: str, rounds: int, warmup: int, label: str) -> list:
     """``rounds`` after ``warmup`` rounds, each calling every variant's ``step`` once, in
     an order drawn afresh each round (seeded): drift in the machine's state (clocks,
@@ -433,9 +440,7 @@ def _interleaved(variants, step: str, rounds: int, warmup: int, label: str) -> l
             try:
                 getattr(v, step)()
             except Exception as e:  # noqa: BLE001 - one failing variant: say so, go on
-                print(f"FAILED: {label} jax_nvfp4 {v.label}: {type(e).__name__}: "
-                      f"{str(e)[:2000]}", flush=True)
-                FAILURES.append(f"{label} {v.label}: {type(e).__name__}")
+                _failed(label, v, e)
                 alive.remove(v)
                 continue
             if r < warmup:
@@ -456,9 +461,7 @@ def _jax_rows(spec, layer, ref, rounds, device, label, skip=()):
             try:
                 v.check(ref)
             except Exception as e:  # noqa: BLE001 - one failing variant: say so, go on
-                print(f"FAILED: {label} jax_nvfp4 {v.label}: {type(e).__name__}: "
-                      f"{str(e)[:2000]}", flush=True)
-                FAILURES.append(f"{label} {v.label}: {type(e).__name__}")
+                _failed(label, v, e)
                 continue
             variants.append(v)
         variants = _interleaved(variants, "time_wall", rounds, 1, label)
@@ -467,9 +470,7 @@ def _jax_rows(spec, layer, ref, rounds, device, label, skip=()):
             try:
                 rows.append(v.row(device))
             except Exception as e:  # noqa: BLE001
-                print(f"FAILED: {label} jax_nvfp4 {v.label}: {type(e).__name__}: "
-                      f"{str(e)[:2000]}", flush=True)
-                FAILURES.append(f"{label} {v.label}: {type(e).__name__}")
+                _failed(label, v, e)
         del variants
     return rows
 

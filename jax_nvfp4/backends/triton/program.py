@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from ...layout import steps
 from ...layout.spec import LayerSpec
 from ...options import Options, check_route, current
-from .tiles import cycle_table, scratch_bytes, w13_by_cycles, w13_in_one_pass
+from .tiles import (cycle_table, scratch_bytes, w13_by_cycles, w13_in_one_pass,
+                    w13_through_scratch)
 
 INSTALL_HINT = 'pip install "jax-nvfp4[triton]" (a CUDA build of torch, which brings triton)'
 
@@ -245,8 +246,8 @@ def _plan(spec: LayerSpec, chunks):
     return k.plan(k.layer_launches(
         spec.shapes(padded=True), gated=spec.gated, w13_one_pass=one_pass,
         w13_cycles=0 if table is None else len(table),
-        chunk=None if chunks is None else chunks[1] if one_pass or table is not None
-        else chunks[0], sources=sources))
+        chunk=None if chunks is None else chunks[0] if w13_through_scratch(spec) else chunks[1],
+        sources=sources))
 
 
 def _xla_program(spec: LayerSpec, *, chunks):
