@@ -4,6 +4,8 @@ For each shape, backend and donation, in one run on one device, the median ms of
 
 * ``empty jit``: a jitted identity of the four arrays (donated when the call donates), waited
   for: JAX's dispatch floor for four buffers;
+* ``free memory``: ``transform.free_bytes`` (``memory_stats``; what a donated call reads for
+  its scratch budget);
 * ``plan``: ``transform.plan_job`` (every check, the backend's choice, the program lookup);
 * ``dispatch``: the planned program called, until it returns (not waited for);
 * ``program``: the planned program called and waited for;
@@ -57,6 +59,11 @@ def measure(shape, backend: str, donate: bool, rounds: int) -> dict:
     def t_empty(a):
         jax.block_until_ready(empty(*a))
 
+    device = next(iter(layer[0].devices()))
+
+    def t_free(a):
+        _transform.free_bytes(device)
+
     def t_plan(a):
         _transform.plan_job(a, **plan)
 
@@ -72,7 +79,7 @@ def measure(shape, backend: str, donate: bool, rounds: int) -> dict:
     def t_call(a):
         jax.block_until_ready(_layer.prepare_layer(*a, donate=donate, backend=backend))
 
-    steps = {"empty jit": t_empty, "plan": t_plan, "dispatch": t_dispatch,
+    steps = {"empty jit": t_empty, "free memory": t_free, "plan": t_plan, "dispatch": t_dispatch,
              "program": t_program, "prepare_layer": t_call}
     samples = {k: [] for k in steps}
     for r in range(3 + rounds):
@@ -128,7 +135,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{name} {backend}->{row['resolved']} "
                       f"{'donated' if donate else 'not donated'}: " + ", ".join(
-                          f"{k} {row[k]:.3f}" for k in ("empty jit", "plan", "dispatch",
+                          f"{k} {row[k]:.3f}" for k in ("empty jit", "free memory", "plan", "dispatch",
                                                         "program", "prepare_layer")
                       ) + ("" if row["device"] is None else f", device {row['device']:.3f}"),
                       flush=True)

@@ -78,11 +78,26 @@ def default_chunk_bytes(spec: LayerSpec, free: int | None = None,
     ``1/free_share`` of the device's free memory (when known): the ``options``.
     """
     o = options or _options.current()
-    budget = max(spec.nbytes // o.layer_share, o.min_chunk_bytes)
+    budget = _layer_budget(spec, o.layer_share, o.min_chunk_bytes)
     if free is not None and free // o.free_share < budget:
         # A power of two, so layers prepared as free memory shrinks share programs.
         budget = 1 << max(0, (free // o.free_share).bit_length() - 1)
     return max(1, budget)
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_budget(spec: LayerSpec, layer_share: int, min_chunk_bytes: int) -> int:
+    return max(spec.nbytes // layer_share, min_chunk_bytes)
+
+
+def _budget(spec: LayerSpec, chunk_bytes, free, options) -> int:
+    """The scratch budget in bytes: ``chunk_bytes`` validated, or the default."""
+    if chunk_bytes is None:
+        return default_chunk_bytes(spec, free, options)
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, (int, np.integer)) \
+            or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+    return int(chunk_bytes)
 
 
 def experts_per_chunk(spec: LayerSpec, chunk_bytes: int | None,
@@ -94,13 +109,11 @@ def experts_per_chunk(spec: LayerSpec, chunk_bytes: int | None,
     ``w13_together``: w13 and its scales share one chunk count, sized by their bytes
     together (the triton backend moves them through one scratch at once).
     """
-    if chunk_bytes is None:
-        budget = default_chunk_bytes(spec, free, options)
-    elif isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, (int, np.integer)) \
-            or chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-    else:
-        budget = int(chunk_bytes)
+    return _experts_per_chunk(spec, _budget(spec, chunk_bytes, free, options), w13_together)
+
+
+@functools.lru_cache(maxsize=1024)
+def _experts_per_chunk(spec: LayerSpec, budget: int, w13_together: bool) -> tuple[int, ...]:
     e = spec.experts
     per = [math.prod(shape[1:]) for shape in spec.shapes(padded=True)]
     if w13_together:
@@ -355,23 +368,22 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
     if not inverse and (hidden_size is not None or intermediate_size is not None):
         raise TypeError(f"{caller}: hidden_size and intermediate_size are for unprepare_layer")
     sig = _signature(arrays) if len(arrays) == 4 else None
-    key = None
+    key = decided = None
     if sig is not None:
+        # Typed: 256.0 == 256 and True == 1, but those are refused, not the same call.
+        key = (sig, gated, donate, backend, inverse, options,
+               *((type(v), v) for v in (chunk_bytes, hidden_alignment, hidden_size,
+                                        intermediate_size)),
+               _environment(backend, inverse, sig, options))
         try:
-            # Typed: 256.0 == 256 and True == 1, but those are refused, not the same call.
-            key = (sig, gated, donate, backend, inverse, options,
-                   *((type(v), v) for v in (chunk_bytes, hidden_alignment, hidden_size,
-                                            intermediate_size)),
-                   _environment(backend, inverse, sig, options))
-            hash(key)
+            decided = _PLANS.get(key)
         except TypeError:  # an unhashable argument: it is refused below, with its message
             key = None
-    decided = _PLANS.get(key) if key is not None else None
     if decided is None:
         spec = valid = check_arrays(arrays, gated=gated, prepared=inverse, where=where,
                                     hidden_alignment=hidden_alignment)
     else:
-        spec, valid, plan, crop, choice = decided
+        spec, valid = decided.spec, decided.valid
         for name, x in zip(NAMES, arrays):
             if x.is_deleted():
                 raise deleted_error(f"{where}{name}")
@@ -402,22 +414,48 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
         # Last of the checks: "flashinfer" may compile its module (~40 s) on first use.
         choice = select.choose(backend, arrays, spec, donate=donate, inverse=inverse,
                                options=options)
+        decided = _Decided(spec, valid, plan, crop, choice)
+        _budget(spec, chunk_bytes, None, options)  # (a bad chunk_bytes: refused, not kept)
         if key is not None:
             if len(_PLANS) >= _MAX_PLANS:
                 try:  # the oldest; another thread may be evicting too
                     _PLANS.pop(next(iter(_PLANS)), None)
                 except (RuntimeError, StopIteration):
                     pass
-            _PLANS[key] = (spec, valid, plan, crop, choice)
+            _PLANS[key] = decided
     free = (free_bytes(next(iter(arrays[0].devices())))
             if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
-    together = choice.backend == "triton" and not (w13_in_one_pass(spec) or w13_by_cycles(spec))
-    chunks = experts_per_chunk(spec, chunk_bytes, free, w13_together=together, options=options)
-    program = compiled(spec, inverse=inverse, donate=donate, chunks=chunks,
-                       backend=choice.backend, pallas=choice.pallas, plan=plan, crop=crop,
-                       via=choice.via, options=options)
-    return Job(arrays, spec, chunks, program, donate, inverse, valid, choice.backend,
+    chunks, program = decided.program(_budget(spec, chunk_bytes, free, options), donate,
+                                      inverse, options)
+    return Job(arrays, spec, chunks, program, donate, inverse, valid, decided.choice.backend,
                options.check_copies)
+
+
+class _Decided:
+    """What ``plan_job`` decided for one key of ``_PLANS``: the checked sizes, the sharding
+    plan, the crop and the backend; and per scratch budget (it follows free memory) the
+    chunks and the compiled program."""
+
+    __slots__ = ("spec", "valid", "plan", "crop", "choice", "_programs")
+
+    def __init__(self, spec, valid, plan, crop, choice):
+        self.spec, self.valid, self.plan, self.crop, self.choice = spec, valid, plan, crop, choice
+        self._programs = {}
+
+    def program(self, budget: int, donate: bool, inverse: bool, options: Options):
+        made = self._programs.get(budget)
+        if made is None:
+            spec, choice = self.spec, self.choice
+            together = choice.backend == "triton" and not (w13_in_one_pass(spec)
+                                                           or w13_by_cycles(spec))
+            chunks = _experts_per_chunk(spec, budget, together)
+            made = chunks, compiled(spec, inverse=inverse, donate=donate, chunks=chunks,
+                                    backend=choice.backend, pallas=choice.pallas,
+                                    plan=self.plan, crop=self.crop, via=choice.via,
+                                    options=options)
+            if len(self._programs) < 64:  # budgets are powers of two as free memory shrinks
+                self._programs[budget] = made
+        return made
 
 
 def run_job(job: Job) -> tuple:

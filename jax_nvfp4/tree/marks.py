@@ -75,14 +75,15 @@ def _local(x, check):
     sharded over several devices) and the fingerprint's key; None for other objects."""
     import jax
 
+    if isinstance(x, jax.Array):
+        if isinstance(x, jax.core.Tracer) or x.is_deleted():
+            return None
+        if check is None and not _on_cpu(x.sharding):
+            return None  # not fingerprinted on accelerators by default (see check_copies)
     shape, dtype = tuple(int(n) for n in x.shape), np.dtype(x.dtype)
     if dtype.itemsize != 1 or not shape or 0 in shape:
         return None
     if isinstance(x, jax.Array):
-        if isinstance(x, jax.core.Tracer) or x.is_deleted():
-            return None
-        if check is None and any(d.platform != "cpu" for d in x.sharding.device_set):
-            return None  # not fingerprinted on accelerators by default (see check_copies)
         if len(x.sharding.device_set) > 1:
             shard = x.addressable_shards[0]
             index = tuple((s.start, s.stop) for s in shard.index)
@@ -91,6 +92,11 @@ def _local(x, check):
     if isinstance(x, np.ndarray):
         return (shape, dtype.name, None), x
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _on_cpu(sharding) -> bool:
+    return all(d.platform == "cpu" for d in sharding.device_set)
 
 
 @functools.lru_cache(maxsize=256)
