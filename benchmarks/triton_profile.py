@@ -98,8 +98,13 @@ def _launches_alone(spec, layer, chunks, res, repeats):
     torch.cuda.empty_cache()
 
 
-# (TILE_WHOLE, WHOLE_MIN_UNITS, WHOLE_WARPS) tried by --tiles: gated w13 in one pass.
-TILES = ((16384, 4, 16), (32768, 8, 16), (32768, 8, 32), (65536, 16, 32), (32768, 16, 32))
+# The settings of ``tiles`` tried by --tiles: how gated w13 moves in place in one pass (by
+# whole rows: TILE_WHOLE, WHOLE_MIN_UNITS, WHOLE_WARPS; by cycle groups: CYCLE_TILE).
+TILES = tuple({"CYCLES_OVER_WHOLE": False, "TILE_WHOLE": t, "WHOLE_MIN_UNITS": m,
+               "WHOLE_WARPS": w}
+              for t, m, w in ((16384, 8, 16), (32768, 8, 16), (32768, 16, 32))) + tuple(
+    {"CYCLES_OVER_WHOLE": True, "CYCLE_TILE": t, "PACK_CYCLES": p}
+    for t, p in ((8192, False), (4096, True), (8192, True), (16384, True), (32768, True)))
 
 
 def tiles_sweep(name, repeats):
@@ -120,19 +125,26 @@ def tiles_sweep(name, repeats):
     dev = src[0].device.index
     K.run(_triton._plan(spec, None), tensors=None, pointers=[t.data_ptr() for t in (*src, *want)],
           stream=stream, device=dev)
-    saved = tiles.TILE_WHOLE, tiles.WHOLE_MIN_UNITS, tiles.WHOLE_WARPS
+    saved = {k: getattr(tiles, k) for setting in TILES for k in setting}
     rows = []
     try:
-        for tile, least, nw in TILES:
-            tiles.TILE_WHOLE, tiles.WHOLE_MIN_UNITS, tiles.WHOLE_WARPS = tile, least, nw
-            row = {"shape": name, "tile": tile, "min_units": least, "warps": nw,
-                   "one_pass": _triton.w13_in_one_pass(spec)}
-            chunks = _prepare.experts_per_chunk(spec, None, w13_together=not row["one_pass"])
+        for setting in TILES:
+            for k, v in setting.items():
+                setattr(tiles, k, v)
+            row = {"shape": name, **setting, "one_pass": _triton.w13_in_one_pass(spec),
+                   "by_cycles": tiles.w13_by_cycles(spec)}
+            if setting["CYCLES_OVER_WHOLE"] and not row["by_cycles"]:
+                continue  # no cycle groups for this shape: the same program as above
+            chunks = _prepare.experts_per_chunk(
+                spec, None, w13_together=not (row["one_pass"] or row["by_cycles"]))
             scratch = torch.empty(max(16, _triton.scratch_bytes(spec, chunks)),
                                   dtype=torch.uint8, device=src[0].device)
+            table = _triton._cycles(spec)
+            table = None if table is None else torch.as_tensor(table, device=src[0].device)
             work = [x.clone() for x in src]
             plan = _triton._plan(spec, chunks)
-            ptrs = [t.data_ptr() for t in (*work, scratch)]
+            ptrs = [t.data_ptr() for t in (*work, scratch)] + (
+                [] if table is None else [table.data_ptr()])
             K.run(plan, tensors=None, pointers=ptrs, stream=stream, device=dev)
             torch.cuda.synchronize()
             row["bit_exact"] = all(torch.equal(a, b) for a, b in zip(work, want))
@@ -142,9 +154,10 @@ def tiles_sweep(name, repeats):
             row["launches"] = len(plan)
             print("tiles", json.dumps(row), flush=True)
             rows.append(row)
-            del work, scratch
+            del work, scratch, table
     finally:
-        tiles.TILE_WHOLE, tiles.WHOLE_MIN_UNITS, tiles.WHOLE_WARPS = saved
+        for k, v in saved.items():
+            setattr(tiles, k, v)
     copy = [torch.empty_like(x) for x in src]
     rows.append({"shape": name, "copy_layer_ms": _events_ms(
         lambda: [d.copy_(s) for s, d in zip(src, copy)], repeats)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 import pytest
 
 import jax_nvfp4
@@ -35,8 +36,10 @@ interpreted = pytest.mark.skipif(
     (3, 128, 256, False, None),      # not gated: every array in one pass, in place
     (2, 256, 96, True, None),        # I padded to 128 (out of place)
     (2, 384, 80, False, None),       # not gated, I padded to 128
-    (4, 128, 1024, True, 1 << 16),   # 2I = 2048 in one pass, rows wider than a block
-    (3, 128, 192, True, 40000),      # 2I = 384 in one pass (512 lanes, 128 masked)
+    (4, 128, 1024, True, 1 << 16),   # 2I = 2048 by cycle groups of 16 rows
+    (3, 128, 192, True, 40000),      # 2I = 384 by cycle groups of 256 rows
+    (3, 256, 768, True, None),       # 2I = 1536 (Qwen3-30B-A3B) by cycle groups of 256
+    (2, 128, 384, True, 1 << 16),    # 2I = 768 (no short cycles): whole rows, 1024 lanes
     (2, 128, 1536, True, 1 << 16),   # 2I = 3072: w13 through scratch, 2 chunks
     (3, 128, 2048, True, 1 << 16),   # 2I = 4096: w13 by the cycles of its permutation
     (2, 192, 64, True, None),        # H padded to 256: every array read unpadded
@@ -68,7 +71,7 @@ def test_triton_backend_is_bit_exact(rng, e, h, i, gated, chunk_bytes, donate):
 def test_in_place_program_needs_one_chunk_of_scratch(gated):
     e, h, i = 8, 256, 128
     spec = LayerSpec(e, h, i, gated)
-    one_pass = _triton.w13_in_one_pass(spec)
+    one_pass = _triton.w13_in_one_pass(spec) or _triton.w13_by_cycles(spec)
     chunks = _prepare.experts_per_chunk(spec, 70000, w13_together=not one_pass)
     program = _prepare.compiled(spec, inverse=False, donate=True, chunks=chunks,
                                 backend="triton", via=_triton.route())
@@ -77,7 +80,7 @@ def test_in_place_program_needs_one_chunk_of_scratch(gated):
     stats = program.lower(*shapes).compile().memory_analysis()
     assert stats.alias_size_in_bytes == spec.nbytes
     assert stats.temp_size_in_bytes <= _triton.scratch_bytes(spec, chunks) + 4096
-    if gated:  # 2I = 256 rows: w13 in one pass, only its scales go through scratch
+    if gated:  # 2I = 256 rows: w13 in one pass (cycle groups), only its scales go through scratch
         assert one_pass and 0 < _triton.scratch_bytes(spec, chunks) <= 70000
         assert _triton.scratch_bytes(spec, chunks) % (256 * 256 // 16) == 0
     else:
@@ -108,36 +111,53 @@ def test_auto_takes_triton_when_donated_or_padded_xla_for_tiny_layers():
         assert _backends.auto_takes_triton(deepseek, donate=True)  # 2 GiB arrays: always
 
 
-def test_w13_moves_in_one_pass_up_to_2048_rows():
-    assert _triton.w13_in_one_pass(LayerSpec(256, 7168, 256, True))     # DeepSeek-V3 TP8
-    assert _triton.w13_in_one_pass(LayerSpec(128, 2048, 768, True))     # 1536 in 2048 lanes
-    assert _triton.w13_in_one_pass(LayerSpec(8, 256, 1024, True))       # 2I = 2048
+def test_w13_moves_in_one_pass_by_whole_rows_where_it_has_no_short_cycles():
+    from jax_nvfp4.backends.triton import tiles
+    assert tiles.whole_rows_fit(2048) and not tiles.whole_rows_fit(4096)
+    assert _triton.w13_in_one_pass(LayerSpec(8, 256, 1024, True)) != tiles.CYCLES_OVER_WHOLE
+    for spec in (LayerSpec(256, 7168, 256, True), LayerSpec(128, 2048, 768, True)):
+        # DeepSeek-V3 TP8 (512 rows), Qwen3-30B-A3B (1536): short cycles
+        assert _triton.w13_in_one_pass(spec) != tiles.CYCLES_OVER_WHOLE
+        assert tiles.w13_by_cycles(spec) == tiles.CYCLES_OVER_WHOLE
     assert not _triton.w13_in_one_pass(LayerSpec(256, 7168, 2048, True))  # 4096: DeepSeek-V3
     assert not _triton.w13_in_one_pass(LayerSpec(8, 256, 128, False))   # not gated
 
 
-def test_w13_moves_by_cycles_where_2i_is_a_larger_power_of_two():
+def _apply_groups(table, x):
+    moved = x.copy()
+    for here, there in table:
+        used = here >= 0
+        assert (used == (there >= 0)).all() and (here[used.sum():] == -1).all()
+        # whole cycles: the rows read are the rows written
+        assert sorted(here[used]) == sorted(there[used])
+        moved[here[used]] = x[there[used]]
+    return moved
+
+
+@pytest.mark.parametrize("rows", [256, 512, 1024, 1536, 4096, 8192, 16384])
+def test_w13_cycle_groups_are_its_row_permutation(rows):
     from jax_nvfp4.backends.triton import tiles
-    import numpy as np
-    for rows in (4096, 8192, 16384):
-        table = tiles.cycle_table(rows)
-        assert table.dtype == np.int32 and table.shape[1] == tiles.CYCLE_SLOTS
-        x = np.arange(rows) * 7 + 3
-        moved = x.copy()
-        for cycle in table:
-            c = cycle[cycle >= 0]
-            assert len(c) >= 2 and (cycle[len(c):] == -1).all()
-            moved[c] = moved[np.roll(c, -1)]
-        np.testing.assert_array_equal(moved, x[_reference.w13_row_index(rows, gated=True)])
-        assert len(np.unique(table[table >= 0])) == (table >= 0).sum()  # each row once
-    for rows in (3072, 1536, 7168):  # cycles of hundreds of rows: through scratch
-        assert tiles.cycle_table(rows) is None
+    table = tiles.cycle_table(rows)
+    slots = tiles.cycle_slots(rows)
+    assert table.dtype == np.int32 and table.shape[1:] == (2, slots)
+    assert slots == (tiles.CYCLE_SLOTS if rows & (rows - 1) == 0 else 256)
+    assert len(np.unique(table[:, 0][table[:, 0] >= 0])) == (table[:, 0] >= 0).sum()  # once
+    x = np.arange(rows) * 7 + 3
+    np.testing.assert_array_equal(_apply_groups(table, x),
+                                  x[_reference.w13_row_index(rows, gated=True)])
+    if rows == 4096:  # 350 cycles of at most 12 rows, packed into fewer groups of 16
+        assert len(table) < 350
+
+
+def test_w13_moves_by_cycles_or_through_scratch():
+    from jax_nvfp4.backends.triton import tiles
+    for rows in (3072, 7168):  # cycles of 1476 and 2388 rows: too long for a program
+        assert tiles.cycle_table(rows) is None and tiles.cycle_slots(rows) is None
     deepseek, kimi = LayerSpec(256, 7168, 2048, True), LayerSpec(384, 7168, 2048, True)
     for spec in (deepseek, kimi):
         assert tiles.w13_by_cycles(spec) and not tiles.w13_through_scratch(spec)
         per_scales = 4096 * 7168 // 16
         assert tiles.scratch_bytes(spec, (4, 9, 4, 4)) == 9 * per_scales  # scales alone
-    assert not tiles.w13_by_cycles(LayerSpec(128, 2048, 768, True))  # one pass (whole)
     assert tiles.w13_through_scratch(LayerSpec(8, 2048, 1536, True))
     assert not tiles.w13_by_cycles(LayerSpec(8, 2048, 2048, False))  # not gated
 
@@ -225,7 +245,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from jax_nvfp4.backends.triton import program as _triton, kernels as k
 from jax_nvfp4.layout.spec import LayerSpec
-spec = LayerSpec(64, 7168, 256, True)
+spec = LayerSpec(64, 7168, 384, True)  # 768 rows: no short cycles, whole rows in place
 for n in (8, 9, 10):
     launch = _triton._plan(spec, None if n == 8 else (8, 8, 8, 8))[0 if n < 10 else 1]
     places = {8: list(range(8)), 9: [0, 1, 2, 3, 8], 10: list(range(5))}[n]
@@ -239,19 +259,20 @@ for n in (8, 9, 10):
                          target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=launch.warps)).asm["ptx"]
     print(n, "v4" if "ld.global.v4" in ptx else "scalar")
-# The first in-place call with w13 by cycles: the four arrays and the table, then results.
-spec = LayerSpec(64, 7168, 2048, True)
-launch = _triton._plan(spec, (8, 8, 8, 8))[0]
-assert launch.segments[1].kind == k.CYCLES
-_, consts = k.xla_call_args(launch, [0, 1, 2, 3, 9, 4])
-fn = k.XLA_KERNELS[10]
-sig = {a: "constexpr" if a in consts else "i32" if a[0] == "o" else "*i32" if a == "b4" else
-       "*fp8e4nv" if a in ("b1", "b3", "b6", "b8") else "*u8" for a in fn.arg_names}
-attrs = {(j,): [["tt.divisibility", 16]] for j, a in enumerate(fn.arg_names) if a[0] == "b"}
-ptx = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
-                     target=GPUTarget("cuda", 90, 32),
-                     options=dict(num_warps=launch.warps)).asm["ptx"]
-print("cycles", "v4" if "ld.global.v4" in ptx else "scalar")
+# The first in-place call with w13 by cycle groups: the four arrays and the table, then
+# results. 4096 rows: groups of 16; 1536 rows: groups of 256.
+for spec in (LayerSpec(64, 7168, 2048, True), LayerSpec(64, 2048, 768, True)):
+    launch = _triton._plan(spec, (8, 8, 8, 8))[0]
+    assert launch.segments[1].kind == k.CYCLES
+    _, consts = k.xla_call_args(launch, [0, 1, 2, 3, 9, 4])
+    fn = k.XLA_KERNELS[10]
+    sig = {a: "constexpr" if a in consts else "i32" if a[0] == "o" else "*i32" if a == "b4"
+           else "*fp8e4nv" if a in ("b1", "b3", "b6", "b8") else "*u8" for a in fn.arg_names}
+    attrs = {(j,): [["tt.divisibility", 16]] for j, a in enumerate(fn.arg_names) if a[0] == "b"}
+    ptx = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs),
+                         target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=launch.warps)).asm["ptx"]
+    print("cycles", "v4" if "ld.global.v4" in ptx else "scalar")
 """
 
 
@@ -269,7 +290,7 @@ def test_xla_route_kernels_compile_for_hopper_without_a_gpu():
     if r.returncode and ("ptxas" in r.stderr.lower() or "GPUTarget" in r.stderr):
         pytest.skip(f"this Triton cannot compile for CUDA here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["8", "v4", "9", "v4", "10", "v4", "cycles", "v4"]
+    assert r.stdout.split() == ["8", "v4", "9", "v4", "10", "v4", "cycles", "v4", "cycles", "v4"]
 
 
 def test_importing_jax_triton_keeps_tritons_cache_dir(monkeypatch, tmp_path):

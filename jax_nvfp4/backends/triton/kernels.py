@@ -13,11 +13,12 @@ It loads the group's source elements (gathered by the index formulas of
 source of a group is the group itself (not gated: shuffle groups map onto
 themselves, and so do whole swizzle tiles), the same kernel works in place: the
 barrier between load and store makes every read happen before any write. Gated
-w13 mixes the two halves, so its closed group is a whole expert's rows: in place
-a program takes them all for a few columns where they fit (2I up to 2048); where 2I
-is a larger power of two, a program takes one cycle of the permutation (at most 16
-rows, ``tiles.cycle_table``) and writes each of its rows with the next one's bytes;
-otherwise w13 goes through a scratch chunk, as its scales always do (``layer_launches``).
+w13 mixes the two halves, so its closed sets are whole cycles of its row permutation:
+in place a program takes a group of them (at most 16 rows where 2I is a power of two, up
+to 256 for sizes whose cycles are that short, e.g. 1536 rows: ``tiles.cycle_table``) for
+a block of columns, reads each row's source and writes it; else all of an expert's rows
+for a few columns where they fit (2I up to 2048); otherwise w13 goes through a scratch
+chunk, as its scales always do (``layer_launches``).
 
 One launch runs up to four such *segments* (arrays, or chunks of them): program
 ids are split between them, so small arrays share a launch instead of each
@@ -107,22 +108,21 @@ def _whole(buf, pid, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, RP: 
 
 @triton.jit
 def _cycles(table, buf, pid, ROWS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-            NCYC: tl.constexpr, SLOTS: tl.constexpr):
-    # Gated w13 in place, one cycle of its row permutation (``tiles.cycle_table``: SLOTS
-    # row numbers, -1 past the end) x BK units of one expert: row c[k] takes row c[k+1]'s
-    # bytes, the last takes c[0]'s. One pass over w13.
+            NGROUPS: tl.constexpr, SLOTS: tl.constexpr):
+    # Gated w13 in place, one group of whole cycles of its row permutation
+    # (``tiles.cycle_table``: SLOTS rows written, then the SLOTS rows they take, -1 unused)
+    # x BK units of one expert. The sources are the group's own rows: one pass over w13.
     ncb: tl.constexpr = (K + BK - 1) // BK
-    e = pid // (NCYC * ncb)
-    j = (pid // ncb) % NCYC
+    e = pid // (NGROUPS * ncb)
+    j = (pid // ncb) % NGROUPS
     k = (pid % ncb) * BK + tl.arange(0, BK)
     slot = tl.arange(0, SLOTS)
-    here = tl.load(table + j * SLOTS + slot)
-    length = tl.sum((here >= 0).to(tl.int32), axis=0)
-    there = tl.load(table + j * SLOTS + tl.where(slot + 1 < length, slot + 1, 0))
+    here = tl.load(table + (2 * j) * SLOTS + slot)
+    there = tl.load(table + (2 * j + 1) * SLOTS + slot)
     base = buf + e.to(tl.int64) * (ROWS * K)
     mask = (here >= 0)[:, None] & (k < K)[None, :]
     x = tl.load(base + there.to(tl.int64)[:, None] * K + k[None, :], mask=mask)
-    tl.debug_barrier()  # every read of the cycle before any write
+    tl.debug_barrier()  # every read of the group before any write
     tl.store(base + here.to(tl.int64)[:, None] * K + k[None, :], x, mask=mask)
 
 
@@ -279,15 +279,16 @@ def rows(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=
                    32 * ng * bk, src, dst, src_off, dst_off)
 
 
-def cycles(shape, *, table, dst, ncycles):
-    """Gated ``[E, rows, K]`` w13 in place by the cycles of its row permutation: buffer
-    ``table`` holds ``tiles.cycle_table(rows)`` (``ncycles`` of them), ``dst`` the array."""
+def cycles(shape, *, table, dst, ngroups):
+    """Gated ``[E, rows, K]`` w13 in place by groups of cycles of its row permutation:
+    buffer ``table`` holds ``tiles.cycle_table(rows)`` (``ngroups`` groups), ``dst`` the
+    array."""
     e, r, k = shape
     ku = k // 4
-    bk = min(tiles.CYCLE_UNITS, triton.next_power_of_2(ku))
-    return Segment(CYCLES, e * ncycles * triton.cdiv(ku, bk),
-                   (r, ku, bk, ncycles, tiles.CYCLE_SLOTS, True, 0, 0),
-                   tiles.CYCLE_SLOTS * bk, table, dst)
+    slots = tiles.cycle_slots(r)
+    bk = min(tiles.CYCLE_TILE // slots, triton.next_power_of_2(ku))
+    return Segment(CYCLES, e * ngroups * triton.cdiv(ku, bk),
+                   (r, ku, bk, ngroups, slots, True, 0, 0), slots * bk, table, dst)
 
 
 def scales(shape, *, gated, in_place, src=0, dst=0, src_off=0, dst_off=0, experts=None,
@@ -322,7 +323,7 @@ def layer_launches(shapes, *, gated: bool, chunk=None, w13_one_pass: bool = Fals
     written as zeros on the way; default ``shapes``). In place 0-3 are the arrays and 4
     the scratch, which holds ``chunk`` experts of gated w13 and then of their scales, or
     of the scales alone with ``w13_one_pass`` or ``w13_cycles`` (``tiles.scratch_bytes``);
-    ``w13_cycles``: the number of cycles of w13's row permutation, their table in buffer
+    ``w13_cycles``: the number of cycle groups of w13's row permutation, their table in buffer
     5 (``tiles.cycle_table``), gated w13 moved by them. In place, the arrays that move in
     one pass run beside the first chunk.
     """
@@ -344,7 +345,7 @@ def layer_launches(shapes, *, gated: bool, chunk=None, w13_one_pass: bool = Fals
     if w13_one_pass:
         tail = (rows(shapes[0], gated=True, in_place=True, src=0, dst=0), *tail)
     elif w13_cycles:
-        tail = (cycles(shapes[0], table=5, dst=0, ncycles=w13_cycles), *tail)
+        tail = (cycles(shapes[0], table=5, dst=0, ngroups=w13_cycles), *tail)
     out = []
     for start in range(0, e, chunk):
         n = min(chunk, e - start)

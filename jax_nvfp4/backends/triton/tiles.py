@@ -37,29 +37,38 @@ def whole_rows_fit(rows: int) -> bool:
 
 
 def w13_in_one_pass(spec: LayerSpec) -> bool:
-    """Whether the in-place program moves gated w13 in one pass (no scratch for it)."""
-    return spec.gated and whole_rows_fit(spec.shapes(padded=True)[0][1])
+    """Whether the in-place program moves gated w13 in one pass by whole rows (a program
+    holds all of an expert's rows for a few columns; not by cycle groups, not scratch)."""
+    return spec.gated and whole_rows_fit(spec.shapes(padded=True)[0][1]) \
+        and not w13_by_cycles(spec)
 
 
-# Larger gated w13 moves in place by the cycles of its row permutation where they are short:
-# a program holds one cycle (at most CYCLE_SLOTS rows) for a block of columns, and writes
-# each row with the next one's bytes; one pass. Where 2I is a power of two the permutation
-# permutes the bits of the row index and its cycles are at most log2(2I) long (4096 rows:
-# 352 cycles, at most 12); other sizes have cycles of thousands of rows: those keep scratch.
+# Gated w13 also moves in place by the cycles of its row permutation where they are short
+# enough: a program holds a *group* of whole cycles (at most ``slots`` rows) for a block of
+# columns, reads each row's source and, after a barrier, writes it; one pass. Where 2I is a
+# power of two the permutation permutes the bits of the row index and its cycles are at most
+# log2(2I) long (4096 rows: 350 cycles, at most 12), so CYCLE_SLOTS rows a group; other sizes
+# have longer cycles (1536 rows: 10, at most 204), up to MAX_CYCLE_SLOTS rows a group; longer
+# (3072 rows: 1476; 7168: 2388) keep the whole rows or scratch.
 CYCLE_SLOTS = 16
-# Four-byte columns a cycle's program moves (a power of two). DeepSeek-V3 donated on an H200
+MAX_CYCLE_SLOTS = 256
+# Four-byte units a cycle's program moves: ``CYCLE_TILE // slots`` columns of its rows (a
+# power of two). DeepSeek-V3 donated on an H200, 16 slots, one cycle a group
 # (benchmarks/results/h200-2026-12-04-a704f69-cycles-sweep.log; floor 3.07 ms): device 5.04 ms
-# at 64, 6.61 at 128, 4.66 at 256, 3.81 at 512, 3.98 at 1024; through scratch 5.38.
-CYCLE_UNITS = 512
+# at 64 columns, 6.61 at 128, 4.66 at 256, 3.81 at 512, 3.98 at 1024; through scratch 5.38.
+CYCLE_TILE = 8192
+# Whether a layer whose whole rows fit one program (2I up to 2048) moves by cycle groups
+# instead, where they exist: wider rows a program (columns) than the whole rows' 8-32.
+CYCLES_OVER_WHOLE = True
+# Whether short cycles share a group (fewer programs, fewer idle slots) or each has its own.
+PACK_CYCLES = True
 
 
 @functools.lru_cache(maxsize=16)
-def cycle_table(rows: int) -> np.ndarray | None:
-    """The cycles of gated w13's row permutation (``rows = 2I``; destination row ``d`` takes
-    source row ``_reference.w13_row_index(rows)[d]``) as int32 ``[cycles, CYCLE_SLOTS]``,
-    each row ``c0, c1, ...`` with ``c[k + 1]`` the source of ``c[k]`` (the last's source is
-    ``c0``), -1 past its end; rows that stay are left out. None where a cycle is longer
-    than ``CYCLE_SLOTS`` or ``rows`` is not a multiple of 32."""
+def _cycles(rows: int) -> list | None:
+    """The cycles (longer than one row) of gated w13's row permutation, each ``c0, c1, ...``
+    with ``c[k + 1]`` the source of ``c[k]`` (the last's source is ``c0``); None where
+    ``rows`` is not a multiple of 32 or a cycle is longer than ``MAX_CYCLE_SLOTS``."""
     if rows % 32 or rows < 32:
         return None
     d = np.arange(rows)
@@ -73,21 +82,59 @@ def cycle_table(rows: int) -> np.ndarray | None:
         cycle, row = [], start
         while not seen[row]:
             seen[row] = True
-            cycle.append(row)
+            cycle.append(int(row))
             row = source[row]
-            if len(cycle) > CYCLE_SLOTS:
+            if len(cycle) > MAX_CYCLE_SLOTS:
                 return None
         if len(cycle) > 1:
-            cycles.append(cycle + [-1] * (CYCLE_SLOTS - len(cycle)))
-    table = np.asarray(cycles, np.int32).reshape(-1, CYCLE_SLOTS)
+            cycles.append(cycle)
+    return cycles
+
+
+def cycle_slots(rows: int) -> int | None:
+    """Rows a cycle group holds (a power of two): CYCLE_SLOTS where every cycle fits, else
+    the longest cycle's next power of two; None without cycles short enough."""
+    cycles = _cycles(rows)
+    if not cycles:
+        return None
+    longest = max(len(c) for c in cycles)
+    return CYCLE_SLOTS if longest <= CYCLE_SLOTS else 1 << (longest - 1).bit_length()
+
+
+def cycle_table(rows: int) -> np.ndarray | None:
+    """Gated w13's row permutation (``rows = 2I``; destination row ``d`` takes source row
+    ``_reference.w13_row_index(rows)[d]``) as cycle groups: int32 ``[groups, 2, slots]``,
+    per group the rows written (``[:, 0]``) and the rows each takes its bytes from
+    (``[:, 1]``), -1 in unused slots. Every group is whole cycles (its sources are its own
+    rows), packed first fit, longest first; rows that stay are left out. None where
+    ``cycle_slots`` is."""
+    return _cycle_table(rows, PACK_CYCLES)
+
+
+@functools.lru_cache(maxsize=16)
+def _cycle_table(rows: int, pack: bool) -> np.ndarray | None:
+    slots = cycle_slots(rows)
+    if slots is None:
+        return None
+    groups: list[list] = []
+    for cycle in sorted(_cycles(rows), key=len, reverse=True):
+        group = next((g for g in groups if len(g) + len(cycle) <= slots), None) if pack \
+            else None
+        if group is None:
+            groups.append(group := [])
+        group.extend(zip(cycle, cycle[1:] + cycle[:1]))  # (row, its source)
+    table = np.full((len(groups), 2, slots), -1, np.int32)
+    for k, group in enumerate(groups):
+        table[k, :, :len(group)] = np.asarray(group, np.int32).T
     table.setflags(write=False)
     return table
 
 
 def w13_by_cycles(spec: LayerSpec) -> bool:
-    """Whether the in-place program moves gated w13 in one pass by its cycles (not one
-    program per expert's rows: they do not fit; cycles short enough: ``cycle_table``)."""
-    return (spec.gated and not w13_in_one_pass(spec)
+    """Whether the in-place program moves gated w13 in one pass by cycle groups
+    (``cycle_table``): where they exist, unless its whole rows fit one program and
+    ``CYCLES_OVER_WHOLE`` is off."""
+    return (spec.gated and (CYCLES_OVER_WHOLE or not whole_rows_fit(spec.shapes(padded=True)[0][1]))
             and cycle_table(spec.shapes(padded=True)[0][1]) is not None)
 
 
