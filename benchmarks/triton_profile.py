@@ -100,11 +100,10 @@ def _launches_alone(spec, layer, chunks, res, repeats):
 
 # The settings of ``tiles`` tried by --tiles: how gated w13 moves in place in one pass (by
 # whole rows: TILE_WHOLE, WHOLE_MIN_UNITS, WHOLE_WARPS; by cycle groups: CYCLE_TILE).
-TILES = tuple({"CYCLES_OVER_WHOLE": False, "TILE_WHOLE": t, "WHOLE_MIN_UNITS": m,
-               "WHOLE_WARPS": w}
-              for t, m, w in ((16384, 8, 16), (32768, 8, 16), (32768, 16, 32))) + tuple(
+TILES = ({"CYCLES_OVER_WHOLE": False, "TILE_WHOLE": 16384, "WHOLE_MIN_UNITS": 8,
+          "WHOLE_WARPS": 16},) + tuple(
     {"CYCLES_OVER_WHOLE": True, "CYCLE_TILE": t, "PACK_CYCLES": p}
-    for t, p in ((8192, False), (4096, True), (8192, True), (16384, True), (32768, True)))
+    for t, p in ((8192, False), (4096, True), (8192, True), (16384, True)))
 
 
 def tiles_sweep(name, repeats):
