@@ -67,6 +67,33 @@ def test_triton_backend_is_bit_exact(rng, e, h, i, gated, chunk_bytes, donate):
 
 
 @interpreted
+@pytest.mark.parametrize("over_whole, pack", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("e, h, i", [(3, 256, 768), (2, 128, 1024), (3, 128, 2048)])
+def test_w13_in_place_by_whole_rows_or_cycle_groups_gives_the_same_bytes(
+        rng, monkeypatch, e, h, i, over_whole, pack):
+    """Every way gated w13 can move in place (``tiles``' settings): 1536 rows (cycle groups
+    of 256 or whole rows), 2048 (groups of 16 or whole rows), 4096 (groups of 16, one cycle
+    a group or packed)."""
+    from jax_nvfp4.backends.triton import tiles
+    monkeypatch.setattr(tiles, "CYCLES_OVER_WHOLE", over_whole)
+    monkeypatch.setattr(tiles, "PACK_CYCLES", pack)
+    monkeypatch.setattr(_prepare, "_PLANS", {})
+    _prepare._compiled.cache_clear()  # programs built under other settings
+    try:
+        spec = LayerSpec(e, h, i, True, hidden_alignment=128)
+        assert tiles.w13_by_cycles(spec) == (over_whole or 2 * i > 2048)
+        layer = random_layer(rng, e, h, i)
+        arrays = to_jax(layer)
+        pointers = [x.unsafe_buffer_pointer() for x in arrays]
+        out = jax_nvfp4.prepare_layer(*arrays, backend="triton", hidden_alignment=128)
+        for name, g, w in zip(NAMES, out, _reference.prepare_layer(*layer, hidden_alignment=128)):
+            assert_bytes_equal(g, w, name)
+        assert [x.unsafe_buffer_pointer() for x in out] == pointers, "not in place"
+    finally:
+        _prepare._compiled.cache_clear()
+
+
+@interpreted
 @pytest.mark.parametrize("gated", [True, False])
 def test_in_place_program_needs_one_chunk_of_scratch(gated):
     e, h, i = 8, 256, 128
@@ -145,8 +172,10 @@ def test_w13_cycle_groups_are_its_row_permutation(rows):
     x = np.arange(rows) * 7 + 3
     np.testing.assert_array_equal(_apply_groups(table, x),
                                   x[_reference.w13_row_index(rows, gated=True)])
+    alone = tiles._cycle_table(rows, False)  # one cycle a group
+    np.testing.assert_array_equal(_apply_groups(alone, x), _apply_groups(table, x))
     if rows == 4096:  # 350 cycles of at most 12 rows, packed into fewer groups of 16
-        assert len(table) < 350
+        assert len(alone) == 350 and len(tiles._cycle_table(rows, True)) < 350
 
 
 def test_w13_moves_by_cycles_or_through_scratch():
