@@ -36,9 +36,9 @@ interpreted = pytest.mark.skipif(
     (3, 128, 256, False, None),      # not gated: every array in one pass, in place
     (2, 256, 96, True, None),        # I padded to 128 (out of place)
     (2, 384, 80, False, None),       # not gated, I padded to 128
-    (4, 128, 1024, True, 1 << 16),   # 2I = 2048 by cycle groups of 16 rows
-    (3, 128, 192, True, 40000),      # 2I = 384 by cycle groups of 256 rows
-    (3, 256, 768, True, None),       # 2I = 1536 (Qwen3-30B-A3B) by cycle groups of 256
+    (4, 128, 1024, True, 1 << 16),   # 2I = 2048 in one pass, rows wider than a block
+    (3, 128, 192, True, 40000),      # 2I = 384 in one pass (512 lanes, 128 masked)
+    (3, 256, 768, True, None),       # 2I = 1536 (Qwen3-30B-A3B) in one pass
     (2, 128, 384, True, 1 << 16),    # 2I = 768 (no short cycles): whole rows, 1024 lanes
     (2, 128, 1536, True, 1 << 16),   # 2I = 3072: w13 through scratch, 2 chunks
     (3, 128, 2048, True, 1 << 16),   # 2I = 4096: w13 by the cycles of its permutation
@@ -107,7 +107,7 @@ def test_in_place_program_needs_one_chunk_of_scratch(gated):
     stats = program.lower(*shapes).compile().memory_analysis()
     assert stats.alias_size_in_bytes == spec.nbytes
     assert stats.temp_size_in_bytes <= _triton.scratch_bytes(spec, chunks) + 4096
-    if gated:  # 2I = 256 rows: w13 in one pass (cycle groups), only its scales go through scratch
+    if gated:  # 2I = 256 rows: w13 in one pass, only its scales go through scratch
         assert one_pass and 0 < _triton.scratch_bytes(spec, chunks) <= 70000
         assert _triton.scratch_bytes(spec, chunks) % (256 * 256 // 16) == 0
     else:
@@ -289,7 +289,9 @@ for n in (8, 9, 10):
                          options=dict(num_warps=launch.warps)).asm["ptx"]
     print(n, "v4" if "ld.global.v4" in ptx else "scalar")
 # The first in-place call with w13 by cycle groups: the four arrays and the table, then
-# results. 4096 rows: groups of 16; 1536 rows: groups of 256.
+# results. 4096 rows: groups of 16; 1536 rows: groups of 256 (preferred to whole rows).
+from jax_nvfp4.backends.triton import tiles
+tiles.CYCLES_OVER_WHOLE = tiles.PACK_CYCLES = True
 for spec in (LayerSpec(64, 7168, 2048, True), LayerSpec(64, 2048, 768, True)):
     launch = _triton._plan(spec, (8, 8, 8, 8))[0]
     assert launch.segments[1].kind == k.CYCLES

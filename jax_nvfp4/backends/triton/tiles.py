@@ -48,8 +48,9 @@ def w13_in_one_pass(spec: LayerSpec) -> bool:
 # columns, reads each row's source and, after a barrier, writes it; one pass. Where 2I is a
 # power of two the permutation permutes the bits of the row index and its cycles are at most
 # log2(2I) long (4096 rows: 350 cycles, at most 12), so CYCLE_SLOTS rows a group; other sizes
-# have longer cycles (1536 rows: 10, at most 204), up to MAX_CYCLE_SLOTS rows a group; longer
-# (3072 rows: 1476; 7168: 2388) keep the whole rows or scratch.
+# have longer cycles (1536 rows: 10, at most 204), up to MAX_CYCLE_SLOTS rows a group (used
+# only with CYCLES_OVER_WHOLE: those sizes fit whole rows); longer (3072 rows: 1476; 7168:
+# 2388) keep scratch.
 CYCLE_SLOTS = 16
 MAX_CYCLE_SLOTS = 256
 # Four-byte units a cycle's program moves: ``CYCLE_TILE // slots`` columns of its rows (a
@@ -58,10 +59,13 @@ MAX_CYCLE_SLOTS = 256
 # at 64 columns, 6.61 at 128, 4.66 at 256, 3.81 at 512, 3.98 at 1024; through scratch 5.38.
 CYCLE_TILE = 8192
 # Whether a layer whose whole rows fit one program (2I up to 2048) moves by cycle groups
-# instead, where they exist: wider rows a program (columns) than the whole rows' 8-32.
-CYCLES_OVER_WHOLE = True
-# Whether short cycles share a group (fewer programs, fewer idle slots) or each has its own.
-PACK_CYCLES = True
+# instead, where they exist (wider rows a program than the whole rows' 8-32 units), and
+# whether short cycles share a group (fewer programs, fewer idle slots) instead of one cycle
+# a group. Both off: bit-exact in Triton's interpreter, not yet timed on a GPU (the default
+# keeps the programs measured in benchmarks/results/h200-2026-12-04-049874a.md);
+# ``benchmarks/triton_profile.py --tiles`` times them against each other.
+CYCLES_OVER_WHOLE = False
+PACK_CYCLES = False
 
 
 @functools.lru_cache(maxsize=16)
