@@ -11,6 +11,7 @@ at most. A model 4x deeper must not need more; a layer 2x larger must need more.
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 
 import jax
@@ -49,17 +50,24 @@ def small_staging(monkeypatch):
     monkeypatch.setattr(_load, "STAGE_BYTES", 64 << 10)
 
 
-def _peak(fn):
+def _peak(fn, runs: int = 2):
     """``(peak, retained)``: peak bytes allocated by Python/numpy while ``fn`` runs above
     what is still allocated when it returns (its result), and that (device buffers are
-    not counted)."""
-    tracemalloc.start()
-    try:
-        fn()
-        now, peak = tracemalloc.get_traced_memory()
-        return peak - now, now
-    finally:
-        tracemalloc.stop()
+    not counted). The least of ``runs`` runs, each after a collection: where the cyclic
+    collector runs during a call depends on the tests before it (in one CI run the deep
+    checkpoint's peak came out 3x the others' once)."""
+    best = None
+    for _ in range(runs):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            fn()
+            now, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        if best is None or peak - now < best[0]:
+            best = (peak - now, now)
+    return best
 
 
 def _check(peaks, ckpts, *, layers=(0.5, 2.5)):
@@ -80,7 +88,9 @@ def test_convert_holds_about_one_layer(ckpts, tmp_path):
     peaks = {}
     for name, (path, _, _) in ckpts.items():
         _convert.convert(path, tmp_path / f"warm-{name}", progress=False)  # compile first
-        peaks[name] = _peak(lambda: _convert.convert(path, tmp_path / name, progress=False))[0]
+        runs = iter(range(2))  # a new output folder each run
+        peaks[name] = _peak(lambda: _convert.convert(path, tmp_path / f"{name}-{next(runs)}",
+                                                     progress=False))[0]
     _check(peaks, ckpts)
 
 
