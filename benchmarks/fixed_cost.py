@@ -135,8 +135,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{name} {backend}->{row['resolved']} "
                       f"{'donated' if donate else 'not donated'}: " + ", ".join(
-                          f"{k} {row[k]:.3f}" for k in ("empty jit", "free memory", "plan", "dispatch",
-                                                        "program", "prepare_layer")
+                          f"{k} {row[k]:.3f}" for k in ("empty jit", "free memory", "plan",
+                                                        "dispatch", "program", "prepare_layer")
                       ) + ("" if row["device"] is None else f", device {row['device']:.3f}"),
                       flush=True)
     if args.profile:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from ...layout import steps
 from ...layout.spec import LayerSpec
 from ...options import Options, check_route, current
-from .tiles import (cycle_table, scratch_bytes, w13_by_cycles, w13_in_one_pass,
+from .tiles import (cycle_table, scratch_bytes, w13_by_cycles, w13_in_one_pass, w13_rows,
                     w13_through_scratch)
 
 INSTALL_HINT = 'pip install "jax-nvfp4[triton]" (a CUDA build of torch, which brings triton)'
@@ -233,7 +233,7 @@ def _results(spec: LayerSpec, arrays):
 def _cycles(spec: LayerSpec):
     """The cycle table of gated w13 in place (``tiles.cycle_table``), or None where w13
     moves otherwise."""
-    return cycle_table(spec.shapes(padded=True)[0][1]) if w13_by_cycles(spec) else None
+    return cycle_table(w13_rows(spec)) if w13_by_cycles(spec) else None
 
 
 def _plan(spec: LayerSpec, chunks):

@@ -36,11 +36,15 @@ def whole_rows_fit(rows: int) -> bool:
     return whole_rows(rows) * WHOLE_MIN_UNITS <= TILE_WHOLE
 
 
+def w13_rows(spec: LayerSpec) -> int:
+    """Rows of an expert's w13 as prepared (padded): 2I gated, I not."""
+    return spec.shapes(padded=True)[0][1]
+
+
 def w13_in_one_pass(spec: LayerSpec) -> bool:
     """Whether the in-place program moves gated w13 in one pass by whole rows (a program
     holds all of an expert's rows for a few columns; not by cycle groups, not scratch)."""
-    return spec.gated and whole_rows_fit(spec.shapes(padded=True)[0][1]) \
-        and not w13_by_cycles(spec)
+    return spec.gated and whole_rows_fit(w13_rows(spec)) and not w13_by_cycles(spec)
 
 
 # Gated w13 also moves in place by the cycles of its row permutation where they are short
@@ -138,8 +142,10 @@ def w13_by_cycles(spec: LayerSpec) -> bool:
     """Whether the in-place program moves gated w13 in one pass by cycle groups
     (``cycle_table``): where they exist, unless its whole rows fit one program and
     ``CYCLES_OVER_WHOLE`` is off."""
-    return (spec.gated and (CYCLES_OVER_WHOLE or not whole_rows_fit(spec.shapes(padded=True)[0][1]))
-            and cycle_table(spec.shapes(padded=True)[0][1]) is not None)
+    if not spec.gated:
+        return False
+    rows = w13_rows(spec)
+    return (CYCLES_OVER_WHOLE or not whole_rows_fit(rows)) and cycle_table(rows) is not None
 
 
 def w13_through_scratch(spec: LayerSpec) -> bool:
