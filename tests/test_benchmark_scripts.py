@@ -13,7 +13,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # script -> None (runs anywhere) or the words its refusal must contain off a GPU
 SCRIPTS = {"sharded.py": None, "fixed_cost.py": None, "triton_profile.py": "needs a CUDA GPU",
-           "tvm_ffi_route.py": "needs a CUDA GPU"}
+           "tvm_ffi_route.py": "needs a CUDA GPU", "timeline.py": None}
 GPU_ONLY = [name for name, refusal in SCRIPTS.items() if refusal]
 ON_GPU = jax.devices()[0].platform == "gpu"
 
@@ -57,6 +57,20 @@ def test_fixed_cost_small_run_reports_every_part(tmp_path):
         parts = [r[k] for k in ("empty jit", "plan", "dispatch", "program", "prepare_layer")]
         assert all(p > 0 for p in parts), r
         assert r["device"] is None or r["device"] > 0
+
+
+def test_timeline_small_run_splits_each_call(tmp_path):
+    out = tmp_path / "timeline.json"
+    assert _load("timeline.py").main(["--calls", "3", "--shape", "tiny", "--backend", "xla",
+                                      "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["donated"] for r in rows} == {True, False}
+    for r in rows:
+        assert r["calls"] == 3 and r["call"] > 0
+        assert any("prepare_layer" in name for name in r["host_top"]), r["host_top"]
+        if ON_GPU:  # the device's activity lies inside the call
+            assert r["device_ops"] and 0 <= r["to first op"] < r["call"], r
+            assert 0 < r["device busy"] <= r["on device"] + 1e-6
 
 
 @pytest.mark.gpu

@@ -14,12 +14,12 @@ source of a group is the group itself (not gated: shuffle groups map onto
 themselves, and so do whole swizzle tiles), the same kernel works in place: the
 barrier between load and store makes every read happen before any write. Gated
 w13 mixes the two halves, so its closed sets are whole cycles of its row permutation:
-in place a program takes all of an expert's rows for a few columns where they fit (2I up
-to 2048); else, where 2I is a larger power of two, a group of whole cycles (at most 16
-rows: ``tiles.cycle_table``) for a block of columns, reads each row's source and writes
-it; otherwise w13 goes through a scratch chunk, as its scales always do
-(``layer_launches``). ``tiles.CYCLES_OVER_WHOLE`` prefers cycle groups (up to 256 rows,
-e.g. 1536 rows) to whole rows.
+in place a program takes a group of whole cycles of its row permutation (up to 256 rows:
+``tiles.cycle_table``) for a block of columns, reads each row's source and writes it, where
+the cycles are that short (2I a power of two; 512 and 1536 rows); else all of an expert's
+rows for a few columns where they fit (2I up to 2048; ``tiles.CYCLES_OVER_WHOLE`` off
+prefers these); otherwise w13 goes through a scratch chunk, as its scales always do
+(``layer_launches``).
 
 One launch runs up to four such *segments* (arrays, or chunks of them): program
 ids are split between them, so small arrays share a launch instead of each

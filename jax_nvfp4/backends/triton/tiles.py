@@ -52,8 +52,8 @@ def w13_in_one_pass(spec: LayerSpec) -> bool:
 # columns, reads each row's source and, after a barrier, writes it; one pass. Where 2I is a
 # power of two the permutation permutes the bits of the row index and its cycles are at most
 # log2(2I) long (4096 rows: 350 cycles, at most 12), so CYCLE_SLOTS rows a group; other sizes
-# have longer cycles (1536 rows: 10, at most 204), up to MAX_CYCLE_SLOTS rows a group (used
-# only with CYCLES_OVER_WHOLE: those sizes fit whole rows); longer (3072 rows: 1476; 7168:
+# have longer cycles (1536 rows: 10, at most 204), up to MAX_CYCLE_SLOTS rows a group (those
+# sizes fit whole rows too: CYCLES_OVER_WHOLE picks); longer (3072 rows: 1476; 7168:
 # 2388) keep scratch.
 CYCLE_SLOTS = 16
 MAX_CYCLE_SLOTS = 256
@@ -65,10 +65,12 @@ CYCLE_TILE = 8192
 # Whether a layer whose whole rows fit one program (2I up to 2048) moves by cycle groups
 # instead, where they exist (wider rows a program than the whole rows' 8-32 units), and
 # whether short cycles share a group (fewer programs, fewer idle slots) instead of one cycle
-# a group. Both off: bit-exact in Triton's interpreter, not yet timed on a GPU (the default
-# keeps the programs measured in benchmarks/results/h200-2026-12-04-049874a.md);
-# ``benchmarks/triton_profile.py --tiles`` times them against each other.
-CYCLES_OVER_WHOLE = False
+# a group. Timed on an H100, in-place launches alone, against a copy of the layer
+# (benchmarks/results/h100-2026-12-07-7a9da43-triton-tiles.log, ms): Qwen3-30B-A3B (1536
+# rows) 0.346 by whole rows, 0.273 by cycles (copy 0.249); DeepSeek-V3 TP8 (512 rows) 0.647
+# and 0.656 (copy 0.542); packing changed no shape by more than 0.5% at 8192 units (4096:
+# 10-13% slower). So cycles over whole rows, one cycle a group.
+CYCLES_OVER_WHOLE = True
 PACK_CYCLES = False
 
 

@@ -1,0 +1,139 @@
+"""Where a ``prepare_layer`` call's wall clock goes, from JAX's own profiler trace.
+
+Each call runs inside a ``TraceAnnotation``; the trace (``jax.profiler.trace``, read back with
+``jax.profiler.ProfileData``) then gives, per call, on one timeline: the call's start and
+end on the host, the device's first and last activity (kernels, copies and memsets as CUPTI
+records them) and the host events inside the call. Printed per shape, backend and donation,
+as medians over the calls (ms):
+
+* ``to first op``: call start to the device's first activity (planning, dispatch, launch);
+* ``on device``: first activity start to last activity end (gaps included);
+* ``after last op``: last activity end to the call's return (wait and wake-up, marks, deletes);
+* the device's busy time (the sum of its activities) and each activity's name;
+* the host events that took the most time inside the calls.
+
+On the GPU machine::
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/timeline.py --shape qwen3-30b-a3b
+
+On CPU it runs the same (no device plane: only the host side); a smoke test of the script.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import glob  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+from jax_nvfp4 import layer as _layer  # noqa: E402
+from jax_nvfp4 import testing as _testing  # noqa: E402
+from jax_nvfp4.bench import layout as _bench  # noqa: E402
+
+SHAPES = {"tiny": (8, 256, 128), "qwen3-30b-a3b": (128, 2048, 768),
+          "deepseek-v3-tp8": (256, 7168, 256)}
+
+
+def _events(trace_dir):
+    """(host events, device events) as (name, start_ns, end_ns) lists."""
+    path, = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+    host, device = [], []
+    for plane in data.planes:
+        on_device = plane.name.startswith("/device:")
+        if not (on_device or plane.name == "/host:CPU"):
+            continue
+        for line in plane.lines:
+            # A device plane's summary lines ("XLA Modules", "XLA Ops", ...) repeat its
+            # activities; its stream lines hold them once.
+            if on_device and not line.name.startswith("Stream"):
+                continue
+            for e in line.events:
+                (device if on_device else host).append(
+                    (e.name, e.start_ns, e.start_ns + e.duration_ns))
+    return host, device
+
+
+def measure(shape, backend: str, donate: bool, calls: int) -> dict:
+    e, h, i = shape
+    layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(1), e, h, i))
+
+    def args():
+        return jax.block_until_ready([x.copy() for x in layer]) if donate else list(layer)
+
+    def call(a):
+        return jax.block_until_ready(_layer.prepare_layer(*a, donate=donate, backend=backend))
+
+    for _ in range(5):
+        call(args())
+    argss = [args() for _ in range(calls)]
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for k, a in enumerate(argss):
+                with jax.profiler.TraceAnnotation(f"jax_nvfp4 call {k}"):
+                    call(a)
+                argss[k] = None
+        host, device = _events(d)
+    spans = sorted((s, t) for n, s, t in host if n.startswith("jax_nvfp4 call "))
+    parts = collections.defaultdict(list)
+    device_names, host_ms = collections.Counter(), collections.Counter()
+    for s, t in spans:
+        ops = [(n, a, b) for n, a, b in device if s <= a <= t]
+        parts["call"].append((t - s) / 1e6)
+        if ops:
+            first, last = min(a for _, a, _ in ops), max(b for _, _, b in ops)
+            parts["to first op"].append((first - s) / 1e6)
+            parts["on device"].append((last - first) / 1e6)
+            parts["after last op"].append((t - last) / 1e6)
+            parts["device busy"].append(sum(b - a for _, a, b in ops) / 1e6)
+            device_names.update(n for n, _, _ in ops)
+        for n, a, b in host:
+            if s <= a and b <= t and not n.startswith("jax_nvfp4 call "):
+                host_ms[n] += (b - a) / 1e6 / len(spans)
+    out = {k: statistics.median(v) for k, v in parts.items()}
+    out.update(shape=list(shape), backend=backend, donated=donate, calls=len(spans),
+               device_ops={n: c / len(spans) for n, c in device_names.most_common()},
+               host_top={n: ms for n, ms in host_ms.most_common(25)})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", action="append", choices=sorted(SHAPES))
+    p.add_argument("--backend", action="append", choices=("xla", "triton", "auto"))
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    gpu = jax.devices()[0].platform == "gpu"
+    backends = args.backend or (("xla", "triton") if gpu else ("xla",))
+    rows = []
+    for name in args.shape or ["tiny", "qwen3-30b-a3b"]:
+        for backend in backends:
+            for donate in (True, False):
+                row = measure(SHAPES[name], backend, donate, args.calls)
+                row["name"] = name
+                rows.append(row)
+                print(f"{name} {backend} {'donated' if donate else 'not donated'}: " + ", ".join(
+                    f"{k} {row[k]:.3f}" for k in ("call", "to first op", "on device",
+                                                  "after last op", "device busy") if k in row))
+                print("  device ops per call: " + "; ".join(
+                    f"{n[:60]} x{c:g}" for n, c in row["device_ops"].items()))
+                print("  host ms per call: " + "; ".join(
+                    f"{n[:70]} {ms:.3f}" for n, ms in list(row["host_top"].items())[:12]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "commit": _bench.commit(),
+                       "versions": _bench.versions(), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
