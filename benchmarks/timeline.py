@@ -10,7 +10,11 @@ as medians over the calls (ms):
 * ``on device``: first activity start to last activity end (gaps included);
 * ``after last op``: last activity end to the call's return (wait and wake-up, marks, deletes);
 * the device's busy time (the sum of its activities) and each activity's name;
-* the host events that took the most time inside the calls.
+* the host events that took the most time inside the calls, and those that began after
+  the device's last activity (what the call does once the device is done).
+
+Python functions show up as host events only with ``--python-tracer`` (which slows the host
+several times over; off, the times are the calls' own).
 
 On the GPU machine::
 
@@ -62,7 +66,7 @@ def _events(trace_dir):
     return host, device
 
 
-def measure(shape, backend: str, donate: bool, calls: int) -> dict:
+def measure(shape, backend: str, donate: bool, calls: int, python_tracer: bool = False) -> dict:
     e, h, i = shape
     layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(1), e, h, i))
 
@@ -75,8 +79,10 @@ def measure(shape, backend: str, donate: bool, calls: int) -> dict:
     for _ in range(5):
         call(args())
     argss = [args() for _ in range(calls)]
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = int(python_tracer)
     with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
+        with jax.profiler.trace(d, profiler_options=options):
             for k, a in enumerate(argss):
                 with jax.profiler.TraceAnnotation(f"jax_nvfp4 call {k}"):
                     call(a)
@@ -84,7 +90,7 @@ def measure(shape, backend: str, donate: bool, calls: int) -> dict:
         host, device = _events(d)
     spans = sorted((s, t) for n, s, t in host if n.startswith("jax_nvfp4 call "))
     parts = collections.defaultdict(list)
-    device_names, host_ms = collections.Counter(), collections.Counter()
+    device_names, host_ms, after_ms = (collections.Counter() for _ in range(3))
     for s, t in spans:
         ops = [(n, a, b) for n, a, b in device if s <= a <= t]
         parts["call"].append((t - s) / 1e6)
@@ -98,10 +104,13 @@ def measure(shape, backend: str, donate: bool, calls: int) -> dict:
         for n, a, b in host:
             if s <= a and b <= t and not n.startswith("jax_nvfp4 call "):
                 host_ms[n] += (b - a) / 1e6 / len(spans)
+                if ops and a >= last:
+                    after_ms[n] += (b - a) / 1e6 / len(spans)
     out = {k: statistics.median(v) for k, v in parts.items()}
     out.update(shape=list(shape), backend=backend, donated=donate, calls=len(spans),
                device_ops={n: c / len(spans) for n, c in device_names.most_common()},
-               host_top={n: ms for n, ms in host_ms.most_common(25)})
+               host_top={n: ms for n, ms in host_ms.most_common(40)},
+               host_after_last_op={n: ms for n, ms in after_ms.most_common(20)})
     return out
 
 
@@ -110,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", action="append", choices=sorted(SHAPES))
     p.add_argument("--backend", action="append", choices=("xla", "triton", "auto"))
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--python-tracer", action="store_true",
+                   help="also trace Python functions (slows the host several times over)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     gpu = jax.devices()[0].platform == "gpu"
@@ -118,7 +129,7 @@ def main(argv=None) -> int:
     for name in args.shape or ["tiny", "qwen3-30b-a3b"]:
         for backend in backends:
             for donate in (True, False):
-                row = measure(SHAPES[name], backend, donate, args.calls)
+                row = measure(SHAPES[name], backend, donate, args.calls, args.python_tracer)
                 row["name"] = name
                 rows.append(row)
                 print(f"{name} {backend} {'donated' if donate else 'not donated'}: " + ", ".join(
@@ -128,6 +139,8 @@ def main(argv=None) -> int:
                     f"{n[:60]} x{c:g}" for n, c in row["device_ops"].items()))
                 print("  host ms per call: " + "; ".join(
                     f"{n[:70]} {ms:.3f}" for n, ms in list(row["host_top"].items())[:12]))
+                print("  host ms after the last op: " + "; ".join(
+                    f"{n[:70]} {ms:.3f}" for n, ms in list(row["host_after_last_op"].items())[:8]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "commit": _bench.commit(),
