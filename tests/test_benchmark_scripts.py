@@ -67,7 +67,8 @@ def test_timeline_small_run_splits_each_call(tmp_path):
     assert {r["donated"] for r in rows} == {True, False}
     for r in rows:
         assert r["calls"] == 3 and r["call"] > 0
-        assert any("prepare_layer" in name for name in r["host_top"]), r["host_top"]
+        # the jitted program's dispatch, recorded by the profiler
+        assert any(name.startswith("PjitFunction(") for name in r["host_top"]), r["host_top"]
         if ON_GPU:  # the device's activity lies inside the call
             assert r["device_ops"] and 0 <= r["to first op"] < r["call"], r
             assert 0 < r["device busy"] <= r["on device"] + 1e-6
