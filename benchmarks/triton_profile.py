@@ -89,12 +89,14 @@ def _launches_alone(spec, layer, chunks, res, repeats):
     scratch = torch.empty(max(1, _triton.scratch_bytes(spec, chunks)), dtype=torch.uint8,
                           device=src[0].device)
     ip = _triton._plan(spec, chunks)
-    ptrs = [t.data_ptr() for t in (*dst, scratch)]
+    table = _triton._cycles(spec)  # gated w13 by cycle groups: the table comes last
+    table = None if table is None else torch.as_tensor(table.copy(), device=src[0].device)
+    ptrs = [t.data_ptr() for t in (*dst, scratch)] + ([] if table is None else [table.data_ptr()])
     res["launches_inplace_ms"] = _events_ms(
         lambda: K.run(ip, tensors=None, pointers=ptrs, stream=stream, device=dev), repeats)
     res["launches_inplace_count"] = len(ip)
     res["copy_layer_ms"] = _events_ms(lambda: [d.copy_(s) for s, d in zip(src, dst)], repeats)
-    del src, dst, scratch
+    del src, dst, scratch, table
     torch.cuda.empty_cache()
 
 
@@ -139,7 +141,7 @@ def tiles_sweep(name, repeats):
             scratch = torch.empty(max(16, _triton.scratch_bytes(spec, chunks)),
                                   dtype=torch.uint8, device=src[0].device)
             table = _triton._cycles(spec)
-            table = None if table is None else torch.as_tensor(table, device=src[0].device)
+            table = None if table is None else torch.as_tensor(table.copy(), device=src[0].device)
             work = [x.clone() for x in src]
             plan = _triton._plan(spec, chunks)
             ptrs = [t.data_ptr() for t in (*work, scratch)] + (

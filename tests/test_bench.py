@@ -100,3 +100,29 @@ def test_small_layers_get_more_rounds():
     assert layout.rounds_for(LayerSpec(8, 256, 128, True), 5) == layout.SMALL_LAYER_ROUNDS
     assert layout.rounds_for(LayerSpec(8, 256, 128, True), 5, 0) == 5
     assert layout.rounds_for(LayerSpec(256, 7168, 2048, True), 5) == 5
+
+
+def test_whole_model_check_catches_layers_swapped(monkeypatch):
+    """The whole-model rows are timed only after every layer matched its rolled reference:
+    a prepare that returns two layers in each other's place fails."""
+    import jax
+    import pytest
+
+    from jax_nvfp4.bench import layout as bench
+    from jax_nvfp4.tree import prepare as tree
+
+    real = tree.prepare
+
+    def swapped(params, **kw):
+        out = real(params, **kw)
+        if len(out) > 1:
+            out["layers.0.mlp.experts"], out["layers.1.mlp.experts"] = (
+                out["layers.1.mlp.experts"], out["layers.0.mlp.experts"])
+        return out
+
+    device = jax.devices()[0]
+    rows = bench.whole_model("cpu-small", bench.CPU_SHAPES["cpu-small"], 3, device, 1e10)
+    assert [r["layers"] for r in rows] == [3, 3]
+    monkeypatch.setattr(tree, "prepare", swapped)
+    with pytest.raises(AssertionError, match="prepare\\(params\\) layer 0: w13_weight differs"):
+        bench.whole_model("cpu-small", bench.CPU_SHAPES["cpu-small"], 3, device, 1e10)

@@ -210,7 +210,7 @@ def test_bench_io_reports_the_ratios(tmp_path):
             "1", "--layout", "both", "--tmp", str(tmp_path), "--json", str(out))
     assert r.returncode == 0, r.stderr
     for s in ("st read", "st read+write", "x st read", "x st read+write", "GB/s", "peak RSS",
-              "layout on host", "prepare_layer on device", "not gated"):
+              "layout on host", "prepare_layer on device", "not gated", "ms a layer"):
         assert s in r.stdout, r.stdout
     res = json.loads(out.read_text())
     assert [x["name"] for x in res["rows"]] == ["4,256,64,2", "8,400,80,1,nemotron_h"]

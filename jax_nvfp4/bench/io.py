@@ -304,8 +304,10 @@ def report(rows: list[tuple[str, dict]]) -> str:
             d, (label, base) = res["steps"][step], STEPS[step]
             ratio = (f"{d['ratio']:5.2f}x {STEPS[base][0]}" if d["ratio"] is not None
                      else "")
+            per_layer = (f"{1e3 * d['s'] / res['moe_layers']:7.2f} ms a layer  "
+                         if res["moe_layers"] else "")
             lines.append(f"  {label:<33} {d['s']:8.3f} s {d['gb_per_s']:6.2f} GB/s  "
-                         f"peak RSS +{d['peak_rss_layers']:5.2f} layers  {ratio}")
+                         f"{per_layer}peak RSS +{d['peak_rss_layers']:5.2f} layers  {ratio}")
     lines += _scaling(rows)
     return "\n".join(lines)
 

@@ -317,6 +317,14 @@ def prepare(params, *, gated: bool = True, donate: bool = True, backend: str = "
         if _find.grows(node, vals):
             leaves[i] = PreparedLayer(node.obj, hidden_size=marker["hidden"],
                                       intermediate_size=marker["intermediate"])
+    built = []  # (leaf index, node, kind, arrays, vals, marker values, sizes) of layers done
+
+    def rebuild():  # the done layers into ``leaves``, their markers in one transfer
+        markers = _marks.marker_arrays([b[5] for b in built], [b[3][0] for b in built])
+        for (i, node, kind, arrays, vals, _, sizes), marker in zip(built, markers):
+            leaves[i] = _rebuilt(node, kind, arrays, vals, km, marker, sizes=sizes)
+        built.clear()
+
     for k, (i, path, node, kind, job, vals, options) in enumerate(jobs):
         fused = None
         try:
@@ -339,6 +347,7 @@ def prepare(params, *, gated: bool = True, donate: bool = True, backend: str = "
                 leaves[i] = _rebuilt(node, kind, fused + tuple(vals[n][0] for n in NAMES[2:]),
                                      vals, km, None)
             done = [p for _, p, *_ in jobs[:k]]
+            rebuild()
             raise PrepareError(
                 f"prepare: layer params{path} failed while running ({type(err).__name__}: "
                 f"{err}); the {k} layer(s) before it are prepared and returned in this "
@@ -347,12 +356,11 @@ def prepare(params, *, gated: bool = True, donate: bool = True, backend: str = "
                 params=jax.tree_util.tree_unflatten(treedef, leaves), path=path,
                 prepared=done, remaining=[p for _, p, *_ in jobs[k:]]) from err
         valid = job.valid  # the model's sizes (the job's spec may be per device)
-        marker = _marks.marker_array(_marks.marker_values(
+        built.append((i, node, kind, arrays, vals, _marks.marker_values(
             gated=gated, experts=valid.experts, hidden=valid.hidden,
             intermediate=valid.intermediate, padded_h=2 * arrays[0].shape[2],
-            padded_i=2 * arrays[2].shape[2]), like=arrays[0])
-        leaves[i] = _rebuilt(node, kind, arrays, vals, km, marker,
-                             sizes=(valid.hidden, valid.intermediate))
+            padded_i=2 * arrays[2].shape[2]), (valid.hidden, valid.intermediate)))
+    rebuild()
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
