@@ -66,27 +66,40 @@ def _events(trace_dir):
     return host, device
 
 
-def measure(shape, backend: str, donate: bool, calls: int, python_tracer: bool = False) -> dict:
+def measure(shape, backend: str, donate: bool, calls: int, python_tracer: bool = False,
+            model: int = 0) -> dict:
+    """``model``: each call is ``prepare(params)`` over that many layers (``"prepare"``) or
+    a loop of ``prepare_layer`` over them (``"loop"``, the next row), donated."""
+    from jax_nvfp4.tree import prepare as _tree
     e, h, i = shape
     layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(1), e, h, i))
+    names = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
 
     def args():
+        if model:
+            return jax.block_until_ready({f"layers.{k}": dict(zip(names, (x.copy() for x in layer)))
+                                          for k in range(model)})
         return jax.block_until_ready([x.copy() for x in layer]) if donate else list(layer)
 
     def call(a):
+        if backend == "prepare":
+            return jax.block_until_ready(_tree.prepare(a))
+        if backend == "loop":
+            return jax.block_until_ready({k: _layer.prepare_layer(*(v[n] for n in names))
+                                          for k, v in a.items()})
         return jax.block_until_ready(_layer.prepare_layer(*a, donate=donate, backend=backend))
 
-    for _ in range(5):
+    for _ in range(2 if model else 5):
         call(args())
-    argss = [args() for _ in range(calls)]
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = int(python_tracer)
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, profiler_options=options):
-            for k, a in enumerate(argss):
+            for k in range(calls):
+                a = args()  # (made outside the annotation: not part of the call)
                 with jax.profiler.TraceAnnotation(f"jax_nvfp4 call {k}"):
                     call(a)
-                argss[k] = None
+                del a
         host, device = _events(d)
     spans = sorted((s, t) for n, s, t in host if n.startswith("jax_nvfp4 call "))
     parts = collections.defaultdict(list)
@@ -107,7 +120,7 @@ def measure(shape, backend: str, donate: bool, calls: int, python_tracer: bool =
                 if ops and a >= last:
                     after_ms[n] += (b - a) / 1e6 / len(spans)
     out = {k: statistics.median(v) for k, v in parts.items()}
-    out.update(shape=list(shape), backend=backend, donated=donate, calls=len(spans),
+    out.update(shape=list(shape), backend=backend, donated=donate, calls=len(spans), model=model,
                device_ops={n: c / len(spans) for n, c in device_names.most_common()},
                host_top={n: ms for n, ms in host_ms.most_common(40)},
                host_after_last_op={n: ms for n, ms in after_ms.most_common(20)})
@@ -119,6 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--shape", action="append", choices=sorted(SHAPES))
     p.add_argument("--backend", action="append", choices=("xla", "triton", "auto"))
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--model", type=int, default=0, metavar="LAYERS",
+                   help="instead: prepare(params) over LAYERS layers of each shape, and a loop "
+                        "of prepare_layer over them (donated)")
     p.add_argument("--python-tracer", action="store_true",
                    help="also trace Python functions (slows the host several times over)")
     p.add_argument("--out", help="write the rows as JSON here")
@@ -126,21 +142,23 @@ def main(argv=None) -> int:
     gpu = jax.devices()[0].platform == "gpu"
     backends = args.backend or (("xla", "triton") if gpu else ("xla",))
     rows = []
+    runs = ([("prepare", True), ("loop", True)] if args.model else
+            [(b, d) for b in backends for d in (True, False)])
     for name in args.shape or ["tiny", "qwen3-30b-a3b"]:
-        for backend in backends:
-            for donate in (True, False):
-                row = measure(SHAPES[name], backend, donate, args.calls, args.python_tracer)
-                row["name"] = name
-                rows.append(row)
-                print(f"{name} {backend} {'donated' if donate else 'not donated'}: " + ", ".join(
-                    f"{k} {row[k]:.3f}" for k in ("call", "to first op", "on device",
-                                                  "after last op", "device busy") if k in row))
-                print("  device ops per call: " + "; ".join(
-                    f"{n[:60]} x{c:g}" for n, c in row["device_ops"].items()))
-                print("  host ms per call: " + "; ".join(
-                    f"{n[:70]} {ms:.3f}" for n, ms in list(row["host_top"].items())[:12]))
-                print("  host ms after the last op: " + "; ".join(
-                    f"{n[:70]} {ms:.3f}" for n, ms in list(row["host_after_last_op"].items())[:8]))
+        for backend, donate in runs:
+            row = measure(SHAPES[name], backend, donate, args.calls, args.python_tracer,
+                          args.model)
+            row["name"] = name
+            rows.append(row)
+            print(f"{name} {backend} {'donated' if donate else 'not donated'}: " + ", ".join(
+                f"{k} {row[k]:.3f}" for k in ("call", "to first op", "on device",
+                                              "after last op", "device busy") if k in row))
+            print("  device ops per call: " + "; ".join(
+                f"{n[:60]} x{c:g}" for n, c in list(row["device_ops"].items())[:16]))
+            print("  host ms per call: " + "; ".join(
+                f"{n[:70]} {ms:.3f}" for n, ms in list(row["host_top"].items())[:12]))
+            print("  host ms after the last op: " + "; ".join(
+                f"{n[:70]} {ms:.3f}" for n, ms in list(row["host_after_last_op"].items())[:8]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "commit": _bench.commit(),
