@@ -54,7 +54,8 @@ class Options:
         the check waits for the input and for the previous prepare's samples: about 3 ms a
         call on an H200 (benchmarks/DESIGN-RECORD.md), more than a small layer's whole
         preparation, and it serialises a model's layers; there copies are caught by the
-        marker leaf of prepare's trees.
+        marker leaf of prepare's trees. With False the outputs are not fingerprinted
+        either (arrays prepared then are not caught as copies later).
     auto_picks_triton : bool
         Whether ``backend="auto"`` may pick the Triton kernels on CUDA (when torch and
         triton import); ``auto_takes_triton`` then says whether they win for the layer.

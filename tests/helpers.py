@@ -49,15 +49,16 @@ def assert_no_race(rng, backend: str, rounds: int = 200):
         assert_bytes_equal(g, w, f"after {rounds} round trips {name}")
 
 
-def assert_missing_extra_refused(rng, monkeypatch, module, backend: str):
-    """With nothing importable (``module``'s ``importlib.util.find_spec`` finds nothing),
-    ``backend`` is an ImportError naming the ``jax-nvfp4[backend]`` extra, before anything
-    is donated."""
+def assert_missing_extra_refused(rng, monkeypatch, backend: str):
+    """With nothing importable (``importlib.util.find_spec`` finds nothing), ``backend`` is
+    an ImportError naming the ``jax-nvfp4[backend]`` extra, before anything is donated."""
+    import importlib.util
+
     import pytest
 
     import jax_nvfp4
     layer = to_jax(random_layer(rng, 2, 128, 64))
-    monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match=rf"jax-nvfp4\[{backend}\]"):
         jax_nvfp4.prepare_layer(*layer, backend=backend)
     assert not any(x.is_deleted() for x in layer)

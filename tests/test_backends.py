@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import jax_nvfp4
-from jax_nvfp4.backends import flashinfer as _flashinfer, select as _backends
+from jax_nvfp4.backends import select as _backends
 from jax_nvfp4 import transform as _prepare
 from jax_nvfp4.layout import reference as _reference
 from jax_nvfp4.layout.spec import LayerSpec
@@ -56,7 +56,7 @@ def test_flashinfer_on_cpu_arrays_is_refused_before_donation(rng):
 
 
 def test_flashinfer_missing_is_an_import_error_naming_the_extra(rng, monkeypatch):
-    assert_missing_extra_refused(rng, monkeypatch, _flashinfer, "flashinfer")
+    assert_missing_extra_refused(rng, monkeypatch, "flashinfer")
 
 
 @pytest.mark.parametrize("e, h, i, gated, chunk_bytes", [(5, 256, 128, True, 20000),
@@ -78,3 +78,25 @@ def test_flashinfer_program_plumbing_on_cpu(rng, stand_in_kernel, e, h, i, gated
     assert stand_in_kernel, "the kernel was not called"
     if donate:
         assert [x.unsafe_buffer_pointer() for x in out] == pointers
+
+
+def test_installed_asks_the_finder_once_per_module(monkeypatch):
+    """``installed`` (asked by ``auto`` on every call) remembers a module it found, and asks
+    a patched finder afresh (how the tests uninstall a package)."""
+    import importlib.util
+
+    from jax_nvfp4.backends import installed as _installed
+    real, calls = importlib.util.find_spec, []
+
+    def counting(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", counting)
+    assert _installed.installed("numpy") and _installed.installed("numpy")
+    assert calls == ["numpy"]
+    assert not _installed.installed("no_such_module_jax_nvfp4")
+    assert not _installed.installed("no_such_module_jax_nvfp4")  # not found: asked each time
+    assert calls == ["numpy"] + ["no_such_module_jax_nvfp4"] * 2
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert not _installed.installed("numpy")

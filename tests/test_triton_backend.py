@@ -205,7 +205,7 @@ def test_triton_on_cpu_without_the_interpreter_is_refused_before_donation(rng, m
 
 
 def test_triton_missing_is_an_import_error_naming_the_extra(rng, monkeypatch):
-    assert_missing_extra_refused(rng, monkeypatch, _triton, "triton")
+    assert_missing_extra_refused(rng, monkeypatch, "triton")
 
 
 def test_auto_never_picks_triton_for_cpu_arrays(rng):

@@ -7,7 +7,6 @@ torch and flashinfer are imported only when asked for."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import jax
 from torch_bridge._bridge import INSTALL_HINT
@@ -15,13 +14,14 @@ from torch_bridge._bridge import INSTALL_HINT
 from ..layout import steps
 from ..layout.spec import LayerSpec
 from . import xla
+from .installed import installed
 
 
 def missing() -> str | None:
     """Why the flashinfer backend cannot run in this process (None when it can)."""
     # torch stays needed with jax-tvm-ffi too: flashinfer imports it and compiles with it.
     for module, what in (("torch", "torch"), ("flashinfer", "flashinfer-python")):
-        if importlib.util.find_spec(module) is None:
+        if not installed(module):
             return f"{what} is not installed; {INSTALL_HINT}"
     return None
 

@@ -139,6 +139,8 @@ def _samples(datas):
 
 
 def _remember(arrays, check) -> None:
+    if check is False:  # no input is checked: fingerprints would only cost a gather
+        return
     local = [_local(x, check) for x in arrays]
     local = [kd for kd in local if kd is not None]
     if not local:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from ...layout import steps
 from ...layout.spec import LayerSpec
 from ...options import Options, check_route, current
+from ..installed import installed
 from .tiles import (cycle_table, scratch_bytes, w13_by_cycles, w13_in_one_pass, w13_rows,
                     w13_through_scratch)
 
@@ -40,7 +41,7 @@ INSTALL_HINT = 'pip install "jax-nvfp4[triton]" (a CUDA build of torch, which br
 def missing() -> str | None:
     """Why the triton backend cannot run in this process (None when it can)."""
     for module in ("torch", "triton"):
-        if importlib.util.find_spec(module) is None:
+        if not installed(module):
             return f"{module} is not installed; {INSTALL_HINT}"
     return None
 
