@@ -29,7 +29,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -143,9 +142,7 @@ def main(argv=None) -> int:
         for backend in backends:
             _profile(backend, args.profile)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "commit": _bench.commit(),
-                       "versions": _bench.versions(), "rows": rows}, f, indent=1)
+        _bench.write_rows(args.out, rows)
     return 0
 
 

@@ -32,7 +32,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import glob  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -160,9 +159,7 @@ def main(argv=None) -> int:
             print("  host ms after the last op: " + "; ".join(
                 f"{n[:70]} {ms:.3f}" for n, ms in list(row["host_after_last_op"].items())[:8]))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "commit": _bench.commit(),
-                       "versions": _bench.versions(), "rows": rows}, f, indent=1)
+        _bench.write_rows(args.out, rows)
     return 0
 
 

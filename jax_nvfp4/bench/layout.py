@@ -640,6 +640,13 @@ def versions() -> dict:
     return out
 
 
+def write_rows(path: str, rows: list) -> None:
+    """A benchmark script's ``rows`` as JSON at ``path``, with the device, commit and versions."""
+    with open(path, "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "commit": commit(),
+                   "versions": versions(), "rows": rows}, f, indent=1)
+
+
 def commit() -> str | None:
     """The git commit the code ran at: ``JAX_NVFP4_COMMIT`` (a copy without .git), else
     ``git rev-parse`` (suffixed ``-dirty`` with changes to jax_nvfp4/), else None."""
