@@ -1,4 +1,5 @@
-"""Where a ``prepare_layer`` call's wall clock goes, from JAX's own profiler trace.
+"""Where a ``prepare_layer`` call's wall clock goes (or ``prepare(params)``'s over a model),
+from JAX's own profiler trace.
 
 Each call runs inside a ``TraceAnnotation``; the trace (``jax.profiler.trace``, read back with
 ``jax.profiler.ProfileData``) then gives, per call, on one timeline: the call's start and
@@ -12,6 +13,9 @@ as medians over the calls (ms):
 * the device's busy time (the sum of its activities) and each activity's name;
 * the host events that took the most time inside the calls, and those that began after
   the device's last activity (what the call does once the device is done).
+
+With ``--model LAYERS`` each call is ``prepare(params)`` over that many layers, against a loop
+of ``prepare_layer`` over the same layers (donated, ``auto``).
 
 Python functions show up as host events only with ``--python-tracer`` (which slows the host
 several times over; off, the times are the calls' own).
@@ -65,10 +69,11 @@ def _events(trace_dir):
     return host, device
 
 
-def measure(shape, backend: str, donate: bool, calls: int, python_tracer: bool = False,
+def measure(shape, what: str, donate: bool, calls: int, python_tracer: bool = False,
             model: int = 0) -> dict:
-    """``model``: each call is ``prepare(params)`` over that many layers (``"prepare"``) or
-    a loop of ``prepare_layer`` over them (``"loop"``, the next row), donated."""
+    """The parts of ``calls`` calls of ``what``: a backend's ``prepare_layer``; with ``model``
+    layers, ``"prepare"`` (``prepare(params)`` over them) or ``"loop"`` (``prepare_layer``
+    over them), donated."""
     from jax_nvfp4.tree import prepare as _tree
     e, h, i = shape
     layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(1), e, h, i))
@@ -76,17 +81,17 @@ def measure(shape, backend: str, donate: bool, calls: int, python_tracer: bool =
 
     def args():
         if model:
-            return jax.block_until_ready({f"layers.{k}": dict(zip(names, (x.copy() for x in layer)))
+            return jax.block_until_ready({f"layers.{k}": dict(zip(names, [x.copy() for x in layer]))
                                           for k in range(model)})
         return jax.block_until_ready([x.copy() for x in layer]) if donate else list(layer)
 
     def call(a):
-        if backend == "prepare":
+        if what == "prepare":
             return jax.block_until_ready(_tree.prepare(a))
-        if backend == "loop":
+        if what == "loop":
             return jax.block_until_ready({k: _layer.prepare_layer(*(v[n] for n in names))
                                           for k, v in a.items()})
-        return jax.block_until_ready(_layer.prepare_layer(*a, donate=donate, backend=backend))
+        return jax.block_until_ready(_layer.prepare_layer(*a, donate=donate, backend=what))
 
     for _ in range(2 if model else 5):
         call(args())
@@ -119,7 +124,7 @@ def measure(shape, backend: str, donate: bool, calls: int, python_tracer: bool =
                 if ops and a >= last:
                     after_ms[n] += (b - a) / 1e6 / len(spans)
     out = {k: statistics.median(v) for k, v in parts.items()}
-    out.update(shape=list(shape), backend=backend, donated=donate, calls=len(spans), model=model,
+    out.update(shape=list(shape), what=what, donated=donate, calls=len(spans), model=model,
                device_ops={n: c / len(spans) for n, c in device_names.most_common()},
                host_top={n: ms for n, ms in host_ms.most_common(40)},
                host_after_last_op={n: ms for n, ms in after_ms.most_common(20)})
@@ -144,12 +149,12 @@ def main(argv=None) -> int:
     runs = ([("prepare", True), ("loop", True)] if args.model else
             [(b, d) for b in backends for d in (True, False)])
     for name in args.shape or ["tiny", "qwen3-30b-a3b"]:
-        for backend, donate in runs:
-            row = measure(SHAPES[name], backend, donate, args.calls, args.python_tracer,
+        for what, donate in runs:
+            row = measure(SHAPES[name], what, donate, args.calls, args.python_tracer,
                           args.model)
             row["name"] = name
             rows.append(row)
-            print(f"{name} {backend} {'donated' if donate else 'not donated'}: " + ", ".join(
+            print(f"{name} {what} {'donated' if donate else 'not donated'}: " + ", ".join(
                 f"{k} {row[k]:.3f}" for k in ("call", "to first op", "on device",
                                               "after last op", "device busy") if k in row))
             print("  device ops per call: " + "; ".join(
