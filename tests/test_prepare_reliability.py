@@ -98,6 +98,32 @@ def test_failure_after_the_program_ran_is_reported_with_the_rest(rng, monkeypatc
     assert all(not layers[2]["moe"][n].is_deleted() for n in NAMES)
 
 
+def test_markers_that_cannot_be_placed_after_a_failure_lose_no_layer(rng, monkeypatch):
+    """The done layers' markers go to the device in one transfer when the run stops; if that
+    fails too (the device out of memory), those layers still come back prepared (marked in
+    this process, so a resume skips them), without marker leaves."""
+    params, host = _model(rng, layers=3)
+    _failing_runner(monkeypatch, at=2)
+
+    def no_room(values, likes):
+        raise OutOfMemory("RESOURCE_EXHAUSTED: Out of memory allocating 32 bytes")
+
+    monkeypatch.setattr(_marks, "marker_arrays", no_room)
+    with pytest.raises(jax_nvfp4.PrepareError, match=r"\[2\]\['moe'\] failed") as info:
+        jax_nvfp4.prepare(params)
+    layers = info.value.params["layers"]
+    for k in (0, 1):
+        moe = layers[k]["moe"]
+        assert isinstance(moe, jax_nvfp4.PreparedLayer) and _marks.MARKER_KEY not in moe
+        for name, want in zip(NAMES, _reference.prepare_layer(*host[k])):
+            assert_bytes_equal(moe[name], want, f"layer {k} {name}")
+    monkeypatch.undo()
+    out = jax_nvfp4.prepare(info.value.params, skip_prepared=True)
+    for k in range(3):
+        for name, want in zip(NAMES, _reference.prepare_layer(*host[k])):
+            assert_bytes_equal(out["layers"][k]["moe"][name], want, f"resumed layer {k} {name}")
+
+
 def test_failure_in_the_first_layer(rng, monkeypatch):
     params, host = _model(rng, layers=2)
     _failing_runner(monkeypatch, at=0)

@@ -320,9 +320,14 @@ def prepare(params, *, gated: bool = True, donate: bool = True, backend: str = "
     built = []  # (leaf index, node, kind, arrays, vals, marker values, sizes) of layers done
 
     def rebuild():  # the done layers into ``leaves``, their markers in one transfer
-        markers = _marks.marker_arrays([b[5] for b in built], [b[3][0] for b in built])
+        try:
+            markers = _marks.marker_arrays([b[5] for b in built], [b[3][0] for b in built])
+        except Exception:  # noqa: BLE001 - e.g. the device is out of memory after a failure
+            # The layers stay prepared (and marked in this process), without marker leaves.
+            markers = [None] * len(built)
         for (i, node, kind, arrays, vals, _, sizes), marker in zip(built, markers):
-            leaves[i] = _rebuilt(node, kind, arrays, vals, km, marker, sizes=sizes)
+            leaves[i] = _rebuilt(node, kind, arrays, vals, km, marker, sizes=sizes,
+                                 prepared=True)
         built.clear()
 
     for k, (i, path, node, kind, job, vals, options) in enumerate(jobs):
@@ -406,8 +411,10 @@ def _check_separate(node, path, vals, km, options):
                              "prepare); preparing it again would shuffle it twice")
 
 
-def _rebuilt(node, kind, arrays, vals, km, marker, sizes=(None, None)):
-    """The layer ``node`` with the four ``arrays`` (and ``marker``) in place (see prepare)."""
+def _rebuilt(node, kind, arrays, vals, km, marker, sizes=(None, None), prepared=False):
+    """The layer ``node`` with the four ``arrays`` (and ``marker``, where not None) in place
+    (see prepare); ``prepared``: the arrays are in the TRT-LLM layout (else: a failed layer's
+    fused w13, unprepared)."""
     wrap = {n: vals[n][1] for n in NAMES[2:]}
     if kind == "fused":
         wrap.update((n, vals[n][1]) for n in NAMES[:2])
@@ -420,9 +427,10 @@ def _rebuilt(node, kind, arrays, vals, km, marker, sizes=(None, None)):
         drop = {km[n] for n in _find.SEPARATE} if kind == "separate" else set()
         out = {k: v for k, v in node.obj.items() if k not in drop}
         out.update((km[n], _find.rewrap(x, wrap[n])) for n, x in zip(NAMES, arrays))
-        if marker is None:
+        if not prepared:
             return out  # a failed layer, unprepared
-        out[km[MARKER_KEY]] = _find.rewrap(marker, marker_wrap)
+        if marker is not None:
+            out[km[MARKER_KEY]] = _find.rewrap(marker, marker_wrap)
         return PreparedLayer(out, hidden_size=sizes[0], intermediate_size=sizes[1])
     children = list(node.children)
     for n, x in zip(NAMES, arrays):
