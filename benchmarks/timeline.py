@@ -44,6 +44,7 @@ import jax  # noqa: E402
 from jax_nvfp4 import layer as _layer  # noqa: E402
 from jax_nvfp4 import testing as _testing  # noqa: E402
 from jax_nvfp4.bench import layout as _bench  # noqa: E402
+from jax_nvfp4.layout.spec import NAMES  # noqa: E402
 
 SHAPES = {"tiny": (8, 256, 128), "qwen3-30b-a3b": (128, 2048, 768),
           "deepseek-v3-tp8": (256, 7168, 256)}
@@ -77,11 +78,10 @@ def measure(shape, what: str, donate: bool, calls: int, python_tracer: bool = Fa
     from jax_nvfp4.tree import prepare as _tree
     e, h, i = shape
     layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(1), e, h, i))
-    names = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
 
     def args():
         if model:
-            return jax.block_until_ready({f"layers.{k}": dict(zip(names, [x.copy() for x in layer]))
+            return jax.block_until_ready({f"layers.{k}": dict(zip(NAMES, [x.copy() for x in layer]))
                                           for k in range(model)})
         return jax.block_until_ready([x.copy() for x in layer]) if donate else list(layer)
 
@@ -89,7 +89,7 @@ def measure(shape, what: str, donate: bool, calls: int, python_tracer: bool = Fa
         if what == "prepare":
             return jax.block_until_ready(_tree.prepare(a))
         if what == "loop":
-            return jax.block_until_ready({k: _layer.prepare_layer(*(v[n] for n in names))
+            return jax.block_until_ready({k: _layer.prepare_layer(*(v[n] for n in NAMES))
                                           for k, v in a.items()})
         return jax.block_until_ready(_layer.prepare_layer(*a, donate=donate, backend=what))
 

@@ -74,6 +74,17 @@ def _wall_ms(fn, make, repeats):
     return 1e3 * statistics.median(bench.time_jax(fn, make, repeats, warmup=2))
 
 
+def _inplace_pointers(spec, buffers):
+    """The in-place plan's pointers: ``buffers`` (the four arrays, then scratch), then the
+    cycle table where gated w13 moves by cycle groups; and the table's tensor (or None),
+    which must outlive the launches."""
+    import torch
+    table = _triton._cycles(spec)
+    if table is not None:  # (a copy: the table is read-only, torch wants it writable)
+        table = torch.as_tensor(table.copy(), device=buffers[0].device)
+    return [t.data_ptr() for t in buffers] + ([] if table is None else [table.data_ptr()]), table
+
+
 def _launches_alone(spec, layer, chunks, res, repeats):
     import torch
 
@@ -89,9 +100,7 @@ def _launches_alone(spec, layer, chunks, res, repeats):
     scratch = torch.empty(max(1, _triton.scratch_bytes(spec, chunks)), dtype=torch.uint8,
                           device=src[0].device)
     ip = _triton._plan(spec, chunks)
-    table = _triton._cycles(spec)  # gated w13 by cycle groups: the table comes last
-    table = None if table is None else torch.as_tensor(table.copy(), device=src[0].device)
-    ptrs = [t.data_ptr() for t in (*dst, scratch)] + ([] if table is None else [table.data_ptr()])
+    ptrs, table = _inplace_pointers(spec, (*dst, scratch))
     res["launches_inplace_ms"] = _events_ms(
         lambda: K.run(ip, tensors=None, pointers=ptrs, stream=stream, device=dev), repeats)
     res["launches_inplace_count"] = len(ip)
@@ -140,12 +149,9 @@ def tiles_sweep(name, repeats):
                 spec, None, w13_together=not (row["one_pass"] or row["by_cycles"]))
             scratch = torch.empty(max(16, _triton.scratch_bytes(spec, chunks)),
                                   dtype=torch.uint8, device=src[0].device)
-            table = _triton._cycles(spec)
-            table = None if table is None else torch.as_tensor(table.copy(), device=src[0].device)
             work = [x.clone() for x in src]
             plan = _triton._plan(spec, chunks)
-            ptrs = [t.data_ptr() for t in (*work, scratch)] + (
-                [] if table is None else [table.data_ptr()])
+            ptrs, table = _inplace_pointers(spec, (*work, scratch))
             K.run(plan, tensors=None, pointers=ptrs, stream=stream, device=dev)
             torch.cuda.synchronize()
             row["bit_exact"] = all(torch.equal(a, b) for a, b in zip(work, want))

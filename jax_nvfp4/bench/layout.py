@@ -16,7 +16,6 @@ the backend it picks: the same program). Inputs are random bytes.
 
 from __future__ import annotations
 
-import functools
 import json
 import statistics
 import threading
@@ -31,7 +30,7 @@ from ..backends import flashinfer as _flashinfer
 from ..layout import reference as _reference
 from ..backends.triton import program as _triton
 from ..errors import UserError
-from ..layout.spec import LayerSpec
+from ..layout.spec import NAMES, LayerSpec
 from ..testing import random_device_layer
 
 # name: (E, H, I, gated). Padded ones: Qwen3-30B TP8's I = 96 -> 128 (gated: each half a
@@ -676,9 +675,9 @@ def floor_bytes(spec: LayerSpec) -> int:
     return spec.nbytes + sum(int(np.prod(s)) for s in spec.shapes(padded=True))
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _rolled(x, k, axis=0):
-    return jnp.roll(x, k, axis)
+@jax.jit
+def _rolled(x, k):
+    return jnp.roll(x, k, 0)
 
 
 @jax.jit
@@ -706,10 +705,9 @@ def whole_model(name: str, shape, layers: int, device, bw: float) -> dict:
     ref = Reference(spec, base)
     want = [jnp.stack(w) for w in ref.out]  # the reference, one array each
     del ref
-    names = ("w13_weight", "w13_weight_scale", "w2_weight", "w2_weight_scale")
 
     def layer(k):
-        return dict(zip(names, (_rolled(x, k) for x in base)))
+        return dict(zip(NAMES, (_rolled(x, k) for x in base)))
 
     jax.block_until_ready(_tree.prepare({"warm-up": layer(0)}, gated=gated))  # compile
     floor_ms = 1e3 * layers * floor_bytes(spec) / bw
@@ -724,14 +722,14 @@ def whole_model(name: str, shape, layers: int, device, bw: float) -> dict:
             if impl == "prepare(params)":
                 out = _tree.prepare(params, gated=gated)
             else:
-                out = {key: dict(zip(names, _layer.prepare_layer(
-                    *(v[n] for n in names), gated=gated))) for key, v in params.items()}
+                out = {key: dict(zip(NAMES, _layer.prepare_layer(
+                    *(v[n] for n in NAMES), gated=gated))) for key, v in params.items()}
             out = jax.block_until_ready(out)
             seconds = time.perf_counter() - t0
         del params
         for k in range(layers):  # every layer bit-exact before the time counts
             got = out.pop(f"layers.{k}.mlp.experts")
-            for n, w in zip(names, want):
+            for n, w in zip(NAMES, want):
                 if tuple(got[n].shape) != tuple(w.shape) or not bool(_equal_rolled(got[n], w, k)):
                     raise AssertionError(f"{impl} layer {k}: {n} differs from the reference; "
                                          "not timed")
