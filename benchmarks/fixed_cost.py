@@ -39,8 +39,11 @@ from jax_nvfp4 import testing as _testing  # noqa: E402
 from jax_nvfp4 import transform as _transform  # noqa: E402
 from jax_nvfp4.bench import layout as _bench  # noqa: E402
 
+# name: (E, H, I) gated, or (E, H, I, False): Nemotron-3-Nano is padded and not gated (its
+# donated call is one program per array: transform.OneArrayAtATime).
 SHAPES = {"tiny": (8, 256, 128), "qwen3-30b-a3b-tp8-unpadded": (128, 2048, 128),
-          "qwen3-30b-a3b": (128, 2048, 768), "deepseek-v3-tp8": (256, 7168, 256)}
+          "qwen3-30b-a3b": (128, 2048, 768), "deepseek-v3-tp8": (256, 7168, 256),
+          "nemotron-3-nano": (128, 2688, 1856, False)}
 
 
 def _copies(layer):
@@ -48,10 +51,11 @@ def _copies(layer):
 
 
 def measure(shape, backend: str, donate: bool, rounds: int) -> dict:
-    e, h, i = shape
-    layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(1), e, h, i))
+    e, h, i, gated = (*shape, True)[:4]
+    layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(1), e, h, i,
+                                                               gated=gated))
     make = (lambda: _copies(layer)) if donate else (lambda: list(layer))
-    plan = dict(gated=True, donate=donate, backend=backend, chunk_bytes=None, inverse=False)
+    plan = dict(gated=gated, donate=donate, backend=backend, chunk_bytes=None, inverse=False)
     job = _transform.plan_job(make(), **plan)
     empty = jax.jit(lambda *xs: xs, donate_argnums=(0, 1, 2, 3) if donate else ())
 
@@ -76,7 +80,8 @@ def measure(shape, backend: str, donate: bool, rounds: int) -> dict:
         jax.block_until_ready(job.program(*a))
 
     def t_call(a):
-        jax.block_until_ready(_layer.prepare_layer(*a, donate=donate, backend=backend))
+        jax.block_until_ready(_layer.prepare_layer(*a, gated=gated, donate=donate,
+                                                   backend=backend))
 
     steps = {"empty jit": t_empty, "free memory": t_free, "plan": t_plan, "dispatch": t_dispatch,
              "program": t_program, "prepare_layer": t_call}

@@ -46,8 +46,10 @@ from jax_nvfp4 import testing as _testing  # noqa: E402
 from jax_nvfp4.bench import layout as _bench  # noqa: E402
 from jax_nvfp4.layout.spec import NAMES  # noqa: E402
 
+# name: (E, H, I) gated, or (E, H, I, False): Nemotron-3-Nano is padded and not gated (its
+# donated call is one program per array: transform.OneArrayAtATime).
 SHAPES = {"tiny": (8, 256, 128), "qwen3-30b-a3b": (128, 2048, 768),
-          "deepseek-v3-tp8": (256, 7168, 256)}
+          "deepseek-v3-tp8": (256, 7168, 256), "nemotron-3-nano": (128, 2688, 1856, False)}
 
 
 def _events(trace_dir):
@@ -76,8 +78,9 @@ def measure(shape, what: str, donate: bool, calls: int, python_tracer: bool = Fa
     layers, ``"prepare"`` (``prepare(params)`` over them) or ``"loop"`` (``prepare_layer``
     over them), donated."""
     from jax_nvfp4.tree import prepare as _tree
-    e, h, i = shape
-    layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(1), e, h, i))
+    e, h, i, gated = (*shape, True)[:4]
+    layer = jax.block_until_ready(_testing.random_device_layer(jax.random.key(1), e, h, i,
+                                                               gated=gated))
 
     def args():
         if model:
@@ -87,11 +90,13 @@ def measure(shape, what: str, donate: bool, calls: int, python_tracer: bool = Fa
 
     def call(a):
         if what == "prepare":
-            return jax.block_until_ready(_tree.prepare(a))
+            return jax.block_until_ready(_tree.prepare(a, gated=gated))
         if what == "loop":
-            return jax.block_until_ready({k: _layer.prepare_layer(*(v[n] for n in NAMES))
+            return jax.block_until_ready({k: _layer.prepare_layer(*(v[n] for n in NAMES),
+                                                                  gated=gated)
                                           for k, v in a.items()})
-        return jax.block_until_ready(_layer.prepare_layer(*a, donate=donate, backend=what))
+        return jax.block_until_ready(_layer.prepare_layer(*a, donate=donate, backend=what,
+                                                          gated=gated))
 
     for _ in range(2 if model else 5):
         call(args())

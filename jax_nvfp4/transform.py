@@ -249,7 +249,9 @@ def _compiled(spec, inverse, donate, chunks, backend, pallas, plan, crop, via, o
 _to_float8 = jax.jit(lambda x: lax.bitcast_convert_type(x, SCALE_DTYPE), donate_argnums=0)
 
 
-@dataclasses.dataclass(frozen=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and a Job is
+# made on every call (about 2 us of a tiny call's planning on CPU).
+@dataclasses.dataclass(slots=True)
 class Job:
     """A validated call: the per-device ``spec``, the ``chunks`` and the jitted ``program``."""
 
@@ -261,7 +263,7 @@ class Job:
     inverse: bool
     valid: LayerSpec | None = None  # the whole layer's sizes (``spec`` is per device)
     backend: str = "xla"  # the resolved backend (``"auto"`` decided)
-    check_copies: bool | None = None  # the option in force when planned (for the marks)
+    check_copies: bool | None = None  # the marks' check: the option, False where it is moot
 
 
 def _valid_size(name: str, value, *, most: int, caller: str) -> int:
@@ -325,16 +327,16 @@ def _sharding_on_cuda(sharding) -> bool:
     return all(select.is_cuda(d) for d in sharding.device_set)
 
 
-def _environment(backend: str, inverse: bool, sig, options: Options):
+def _environment(backend: str, inverse: bool, on_cuda: bool, options: Options):
     """What ``select.resolve_backend`` reads besides the arrays and options, for this call:
     which packages import, the Triton interpreter, the route (tests patch these).
-    ``sig``: the arrays' ``_signature``."""
-    if inverse or backend == "xla" or (
-            backend == "auto" and not all(_sharding_on_cuda(s) for _, _, s in sig)):
+    ``on_cuda``: whether every array is on CUDA devices."""
+    if inverse or backend == "xla" or (backend == "auto" and not on_cuda):
         return None
     if backend == "flashinfer":
         return flashinfer.missing()
-    return (triton.missing(), triton.interpreting(), triton.route(options),
+    interpret = triton.interpreting()
+    return (triton.missing(), interpret, triton.route(options, interpret=interpret),
             flashinfer.missing() if backend == "auto" and options.auto_picks_flashinfer else None)
 
 
@@ -352,7 +354,8 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
     options = _options.current()
     caller = caller or ("unprepare_layer" if inverse else "prepare_layer")
     arrays = tuple(arrays)
-    for name, x in zip(NAMES, arrays):
+    sig = _signature(arrays) if len(arrays) == 4 else None
+    for name, x in zip(NAMES, arrays) if sig is None else ():  # (a signature: no tracers)
         if isinstance(x, jax.core.Tracer):
             raise TypeError(
                 f"{caller}() got a tracer for {where}{name}: it cannot run inside jax.jit, "
@@ -368,18 +371,19 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
         raise TypeError(f"donate must be a bool, got {donate!r}")
     if not inverse and (hidden_size is not None or intermediate_size is not None):
         raise TypeError(f"{caller}: hidden_size and intermediate_size are for unprepare_layer")
-    sig = _signature(arrays) if len(arrays) == 4 else None
     key = decided = None
     if sig is not None:
         # Typed: 256.0 == 256 and True == 1, but those are refused, not the same call.
         key = (sig, gated, donate, backend, inverse, options,
                *((type(v), v) for v in (chunk_bytes, hidden_alignment, hidden_size,
-                                        intermediate_size)),
-               _environment(backend, inverse, sig, options))
+                                        intermediate_size)))
         try:
             decided = _PLANS.get(key)
         except TypeError:  # an unhashable argument: it is refused below, with its message
             key = None
+        if decided is not None and decided.environment != _environment(
+                backend, inverse, decided.on_cuda, options):
+            decided = None  # a package or the interpreter came or went: decide again
     if decided is None:
         spec = valid = check_arrays(arrays, gated=gated, prepared=inverse, where=where,
                                     hidden_alignment=hidden_alignment)
@@ -396,8 +400,14 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
             )
     if len({id(x) for x in arrays}) != 4:
         raise ValueError("the four arrays must be distinct objects")
-    if not inverse:
-        for name, copy in zip(NAMES, _marks.copies(arrays, options.check_copies)):
+    # Whether inputs are checked against (and outputs give) fingerprints: False where the
+    # option leaves it to the platform and no array is on the CPU (four sharding lookups
+    # fewer in the checks and four in the marks, on every call).
+    check = options.check_copies
+    if check is None and decided is not None and decided.any_on_cpu is False:
+        check = False
+    if not inverse and check is not False:
+        for name, copy in zip(NAMES, _marks.copies(arrays, check)):
             if copy:
                 raise ValueError(
                     f"{where}{name} holds the bytes of an array that came out of prepare (a "
@@ -415,8 +425,10 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
         # Last of the checks: "flashinfer" may compile its module (~40 s) on first use.
         choice = select.choose(backend, arrays, spec, donate=donate, inverse=inverse,
                                options=options)
-        decided = _Decided(spec, valid, plan, crop, choice)
-        _budget(spec, chunk_bytes, None, options)  # (a bad chunk_bytes: refused, not kept)
+        decided = _Decided(spec, valid, plan, crop, choice,
+                           _budget(spec, chunk_bytes, None, options),  # (refused if bad)
+                           arrays if sig is not None else None)
+        decided.environment = _environment(backend, inverse, decided.on_cuda, options)
         if key is not None:
             if len(_PLANS) >= _MAX_PLANS:
                 try:  # the oldest; another thread may be evicting too
@@ -424,23 +436,36 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
                 except (RuntimeError, StopIteration):
                     pass
             _PLANS[key] = decided
-    free = (free_bytes(next(iter(arrays[0].devices())))
-            if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array) else None)
-    chunks, program = decided.program(_budget(spec, chunk_bytes, free, options), donate,
-                                      inverse, options)
+    budget = decided.budget
+    if chunk_bytes is None and donate and isinstance(arrays[0], jax.Array):
+        device = decided.device if decided.device is not None else next(iter(arrays[0].devices()))
+        free = free_bytes(device)
+        if free is not None and free // options.free_share < budget:
+            budget = default_chunk_bytes(spec, free, options)
+    chunks, program = decided.program(budget, donate, inverse, options)
     return Job(arrays, spec, chunks, program, donate, inverse, valid, decided.choice.backend,
-               options.check_copies)
+               check)
 
 
 class _Decided:
     """What ``plan_job`` decided for one key of ``_PLANS``: the checked sizes, the sharding
-    plan, the crop and the backend; and per scratch budget (it follows free memory) the
-    chunks and the compiled program."""
+    plan, the crop and the backend; the scratch budget before free memory caps it; for
+    arrays of a signature (the key holds their shardings), the device whose free memory is
+    read and whether any array is on the CPU (there copies are checked by default); and per
+    scratch budget (it follows free memory) the chunks and the compiled program."""
 
-    __slots__ = ("spec", "valid", "plan", "crop", "choice", "_programs")
+    __slots__ = ("spec", "valid", "plan", "crop", "choice", "budget", "device", "any_on_cpu",
+                 "on_cuda", "environment", "_programs")
 
-    def __init__(self, spec, valid, plan, crop, choice):
+    def __init__(self, spec, valid, plan, crop, choice, budget, arrays=None):
         self.spec, self.valid, self.plan, self.crop, self.choice = spec, valid, plan, crop, choice
+        self.budget = budget
+        # None: not known (not a signature's arrays: never reused).
+        self.device = self.any_on_cpu = self.on_cuda = self.environment = None
+        if arrays is not None:
+            self.device = next(iter(arrays[0].devices()))
+            self.any_on_cpu = any(_marks.on_cpu(x.sharding) for x in arrays)
+            self.on_cuda = all(_sharding_on_cuda(x.sharding) for x in arrays)
         self._programs = {}
 
     def program(self, budget: int, donate: bool, inverse: bool, options: Options):

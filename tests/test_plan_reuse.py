@@ -77,3 +77,22 @@ def test_plans_are_bounded(rng, monkeypatch):
         jax_nvfp4.prepare_layer(*to_jax(random_layer(rng, e, 128, 64)), donate=False)
     assert len(transform._PLANS) == 2
     assert [k[0][0][0][0] for k in transform._PLANS] == [2, 3]  # the oldest went first
+
+
+def test_a_reused_plan_is_decided_again_when_the_environment_changes(rng, monkeypatch):
+    # Which packages import (and the Triton interpreter, the route) are asked on every
+    # call and compared with what the plan was decided under.
+    host = random_layer(rng, 2, 256, 64)
+    want = _reference.prepare_layer(*host)
+    calls = []
+    choose = transform.select.choose
+    monkeypatch.setattr(transform.select, "choose",
+                        lambda *a, **k: calls.append(1) or choose(*a, **k))
+    for _ in range(2):
+        jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
+    assert len(calls) == 1
+    monkeypatch.setattr(transform, "_environment", lambda *a: "a package came or went")
+    for _ in range(2):
+        out = jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
+    assert len(calls) == 2  # decided again once, then reused
+    np.testing.assert_array_equal(_bytes(out[2]).reshape(want[2].shape), want[2])

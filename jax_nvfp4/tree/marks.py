@@ -78,7 +78,7 @@ def _local(x, check):
     if isinstance(x, jax.Array):
         if isinstance(x, jax.core.Tracer) or x.is_deleted():
             return None
-        if check is None and not _on_cpu(x.sharding):
+        if check is None and not on_cpu(x.sharding):
             return None  # not fingerprinted on accelerators by default (see check_copies)
     shape, dtype = tuple(int(n) for n in x.shape), np.dtype(x.dtype)
     if dtype.itemsize != 1 or not shape or 0 in shape:
@@ -95,7 +95,7 @@ def _local(x, check):
 
 
 @functools.lru_cache(maxsize=256)
-def _on_cpu(sharding) -> bool:
+def on_cpu(sharding) -> bool:
     return all(d.platform == "cpu" for d in sharding.device_set)
 
 

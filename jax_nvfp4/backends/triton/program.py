@@ -46,14 +46,16 @@ def missing() -> str | None:
     return None
 
 
-def route(options: Options | None = None) -> str:
+def route(options: Options | None = None, *, interpret: bool | None = None) -> str:
     """``"xla"`` (jax-triton's custom call) or ``"callback"`` (``buffer_callback``): the
     knob ``triton_route`` (``"auto"``: through XLA where jax-triton imports, else from a
     buffer_callback). Measured on an H200 (benchmarks/DESIGN-RECORD.md): the same kernels, the XLA
-    route without the callback's fixed host cost."""
+    route without the callback's fixed host cost. ``interpret``: :func:`interpreting`, where
+    the caller has just read it (an environment read costs about a microsecond)."""
     chosen = check_route((options or current()).triton_route)
     if chosen == "auto":
-        return "xla" if not interpreting() and jax_triton_missing() is None else "callback"
+        interpret = interpreting() if interpret is None else interpret
+        return "xla" if not interpret and jax_triton_missing() is None else "callback"
     return chosen
 
 
