@@ -124,8 +124,19 @@ def override(**changes):
     """
     if "triton_route" in changes:
         check_route(changes["triton_route"])
-    token = _CURRENT.set(dataclasses.replace(current(), **changes))
+    with using(dataclasses.replace(current(), **changes)) as options:
+        yield options
+
+
+@contextlib.contextmanager
+def using(options: Options):
+    """``options`` (an :class:`Options`, e.g. made once by ``dataclasses.replace``) in force
+    inside the ``with`` block; restored on exit. Calls under one object reuse their plans
+    without comparing options field by field (``override`` makes a new object each time)."""
+    if not isinstance(options, Options):
+        raise TypeError(f"using() takes an Options, got {type(options).__name__}")
+    token = _CURRENT.set(options)
     try:
-        yield _CURRENT.get()
+        yield options
     finally:
         _CURRENT.reset(token)

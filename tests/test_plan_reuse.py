@@ -3,6 +3,8 @@ reuses its plan: the same bytes, and every per-array refusal still holds."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,3 +98,18 @@ def test_a_reused_plan_is_decided_again_when_the_environment_changes(rng, monkey
         out = jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
     assert len(calls) == 2  # decided again once, then reused
     np.testing.assert_array_equal(_bytes(out[2]).reshape(want[2].shape), want[2])
+
+
+def test_one_options_object_in_force_reuses_its_plan_and_is_restored(rng):
+    host = random_layer(rng, 2, 256, 64)
+    mine = dataclasses.replace(options.current(), min_chunk_bytes=1 << 12)
+    with options.using(mine) as o:
+        assert o is mine and options.current() is mine
+        jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
+        before = len(transform._PLANS)
+        jax_nvfp4.prepare_layer(*to_jax(host), donate=False)
+        assert len(transform._PLANS) == before
+    assert options.current() is not mine
+    with pytest.raises(TypeError, match="takes an Options"):
+        with options.using({"min_chunk_bytes": 1}):
+            pass
