@@ -145,3 +145,19 @@ def test_convert_host_layout_is_the_device_one(tmp_path, rng, monkeypatch):
         assert (tmp_path / "host" / f).read_bytes() == (tmp_path / "device" / f).read_bytes(), f
     with open_checkpoint(tmp_path / "host") as ckpt:
         assert ckpt.prepared and len(ckpt.moe) == 2
+
+
+@pytest.mark.parametrize("gated,e,h,i", [(True, 3, 400, 80), (False, 2, 384, 80),
+                                         (True, 2, 256, 64)])
+def test_pad_into_is_the_programs_padding_and_writes_every_byte(rng, gated, e, h, i):
+    # What a layer prepared on its devices is padded by as it is read (read_layer(padded=
+    # True)), against the padding of prepare_layer's own program (layout.steps.pads).
+    from jax_nvfp4.layout import steps
+
+    spec = LayerSpec(e, h, i, gated)
+    for k, (stored, padded, pad) in enumerate(zip(spec.shapes(padded=False),
+                                                 spec.shapes(padded=True), steps.pads(spec))):
+        src = rng.integers(1, 256, stored, dtype=np.uint8)
+        dst = np.full(padded, 0xAB, np.uint8)  # every byte must be written
+        _load.pad_into(src, dst, spec, k)
+        np.testing.assert_array_equal(dst, np.asarray(pad(jax.numpy.asarray(src))), NAMES[k])

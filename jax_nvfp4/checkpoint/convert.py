@@ -234,7 +234,7 @@ def convert(src, dst, *, overwrite: bool = False, progress: bool = True, log=Non
                             ahead.start(nxt[0], read_tensors, ckpt, nxt[1][2])
                             for later in nxt[1][1]:
                                 ahead.start(later.prefix, read_layer, ckpt, later,
-                                            prepare=on_host)
+                                            prepare=on_host, padded=not on_host)
                         rec = _write_shard(tensors, tmp / file, metadata, k + 1, where)
                         rec.update(tensors=sorted(tensors), read=reads[0] - before,
                                    nbytes=sum(x.nbytes for x in tensors.values()))

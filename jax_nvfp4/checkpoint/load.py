@@ -8,7 +8,9 @@ without a copy). It is put into the kernel's layout either on the host while it 
 assembled (each chunk of experts read into a small per-thread staging buffer, then
 padded and permuted into the layer's buffer by numpy, which drops the GIL, while
 other threads read: no XLA program at all) or by :func:`prepare_layer` on its
-device, in place; :func:`layout_on_host` is the rule. No program runs per expert, so the
+device, in place (a layer whose H or I the kernel pads is zero-padded on the host as it
+is read, so it arrives in buffers of its final size: no second, larger buffer on the
+device); :func:`layout_on_host` is the rule. No program runs per expert, so the
 cost is linear in the bytes and flat in the number of experts. The host holds about
 one layer's buffers at a time; the device holds the params loaded so far plus one
 layer's scratch.
@@ -165,19 +167,23 @@ def _tasks(runs) -> list[list[tuple]]:
 
 
 def read_layer(ckpt: Checkpoint, layer: MoELayer, *, sharding=None,
-               progress=None, prepare: bool = False) -> HostLayer:
+               progress=None, prepare: bool = False, padded: bool = False) -> HostLayer:
     """Read one MoE layer into four preallocated host buffers (uint8).
 
     Stored shapes in the checkpoint's layout; with ``prepare``, padded shapes in the
     kernel's layout, each chunk of experts laid out on the host as it is read (see
-    :func:`lay_out`; not for a prepared checkpoint's layer). Only the experts that
-    ``sharding`` places on this process's devices are read (the rest of the buffers is
-    never touched). Reads run on a thread pool; ``progress(n)`` is called in the calling
-    thread as each read task completes.
+    :func:`lay_out`; not for a prepared checkpoint's layer); with ``padded`` (for a layer
+    :func:`prepare_layer` then prepares on its devices), the checkpoint's layout in the
+    padded shapes, zero-padded as the kernel pads (:func:`pad_into`): on the device the
+    layer is then prepared in place, with one chunk of scratch, where from the stored
+    shapes it would need a new buffer per array (one at a time: about half the layer
+    more). Only the experts that ``sharding`` places on this process's devices are read
+    (the rest of the buffers is never touched). Reads run on a thread pool;
+    ``progress(n)`` is called in the calling thread as each read task completes.
     """
     shapes = layer.spec.shapes(padded=False)
     experts = sorted({e for _, e0, e1 in _targets(sharding, shapes) for e in range(e0, e1)})
-    if not prepare or layer.prepared:
+    if layer.prepared or not (prepare or (padded and layer.spec.needs_padding)):
         bufs = [_empty(s) for s in shapes]
         total = _read(_plan(ckpt, layer, shapes, experts), [b.reshape(-1) for b in bufs],
                       progress)
@@ -188,8 +194,8 @@ def read_layer(ckpt: Checkpoint, layer: MoELayer, *, sharding=None,
               for run in _consecutive(experts) for k in range(0, len(run), per)]
     stages = queue.SimpleQueue()  # staging buffers, one per task running at once
     total = _submit([functools.partial(_read_and_lay_out, ckpt, layer, bufs, e0, e1, per,
-                                       stages) for e0, e1 in chunks], progress)
-    return HostLayer(bufs, total, True)
+                                       stages, prepare) for e0, e1 in chunks], progress)
+    return HostLayer(bufs, total, prepare)
 
 
 def _consecutive(xs: list[int]) -> list[list[int]]:
@@ -204,26 +210,45 @@ def _consecutive(xs: list[int]) -> list[list[int]]:
 
 
 def _read_and_lay_out(ckpt: Checkpoint, layer: MoELayer, bufs, e0: int, e1: int,
-                      per: int, stages: queue.SimpleQueue) -> int:
+                      per: int, stages: queue.SimpleQueue, lay: bool = True) -> int:
     """Experts ``e0:e1`` (at most ``per``) read into a staging buffer taken from ``stages``
-    (made if none is free, put back after) and laid out into ``bufs``."""
+    (made if none is free, put back after) and laid out into ``bufs`` (``lay``), or only
+    padded into them (:func:`pad_into`)."""
     spec = layer.spec
+    padding = lay and spec.needs_padding  # lay_out pads into a staging buffer first
     try:
         stage = stages.get_nowait()
-    except queue.Empty:  # four stored arrays, then four padded ones: zero but where the
-        # stored bytes go, which is all a task writes, so they stay zero for the next
+    except queue.Empty:  # four stored arrays, then (to lay out) four padded ones
         stage = [np.empty((per, *s[1:]), np.uint8) for s in spec.shapes(padded=False)] + [
-            np.zeros((per, *s[1:]), np.uint8) if spec.needs_padding else None
+            np.empty((per, *s[1:]), np.uint8) if padding else None
             for s in spec.shapes(padded=True)]
     try:
         total = _read_runs(_plan(ckpt, layer, spec.shapes(padded=False), range(e0, e1), e0),
                            [b.reshape(-1) for b in stage[:4]])
         for k in range(4):
-            pad = stage[4 + k][:e1 - e0] if spec.needs_padding else None
-            lay_out(stage[k][:e1 - e0], bufs[k][e0:e1], spec, k, padded=pad)
+            if lay:
+                pad = stage[4 + k][:e1 - e0] if padding else None
+                lay_out(stage[k][:e1 - e0], bufs[k][e0:e1], spec, k, padded=pad)
+            else:
+                pad_into(stage[k][:e1 - e0], bufs[k][e0:e1], spec, k)
     finally:
         stages.put(stage)
     return total
+
+
+def pad_into(src: np.ndarray, dst: np.ndarray, spec, k: int) -> None:
+    """Array ``k`` of ``NAMES`` for a block of experts, zero-padded as the kernel pads it
+    (``layout.steps.pads``): ``src`` uint8 ``[n, R, C]`` (stored shape) into ``dst`` uint8
+    ``[n, Rp, Cp]`` (padded shape), every byte of ``dst`` written. Gated w13 and its
+    scales pad each half (up, gate) to ``Ip`` rows."""
+    n = src.shape[0]
+    if k < 2 and spec.gated:  # each half of w13 gets zero rows
+        src = src.reshape(n * 2, src.shape[1] // 2, src.shape[2])
+        dst = dst.reshape(n * 2, dst.shape[1] // 2, dst.shape[2])
+    rows, cols = src.shape[1:]
+    dst[:, :rows, :cols] = src
+    dst[:, :rows, cols:] = 0
+    dst[:, rows:] = 0
 
 
 def lay_out(src: np.ndarray, dst: np.ndarray, spec, k: int, *, padded=None) -> None:
@@ -234,16 +259,11 @@ def lay_out(src: np.ndarray, dst: np.ndarray, spec, k: int, *, padded=None) -> N
     shape, written). The same padding and ``_layout`` moves as ``prepare_layer``'s
     program (``layout.steps.pads``, ``layout.steps.moves``: scales' rows and swizzle fused),
     as numpy copies. ``padded`` (when ``spec`` needs padding): a ``[n, Rp, Cp]`` uint8
-    buffer, zero outside the stored part, into which ``src`` is padded first.
+    buffer (any bytes) into which ``src`` is padded first.
     """
     n = src.shape[0]
-    if spec.needs_padding:  # the stored bytes into the zero-padded buffer, as steps.pads
-        if k < 2 and spec.gated:  # each half of w13 gets zero rows
-            padded.reshape(n, 2, -1, padded.shape[2])[:, :, :src.shape[1] // 2,
-                                                      :src.shape[2]] = src.reshape(
-                n, 2, src.shape[1] // 2, src.shape[2])
-        else:
-            padded[:, :src.shape[1], :src.shape[2]] = src
+    if spec.needs_padding:  # the stored bytes into the padded buffer, as steps.pads
+        pad_into(src, padded, spec, k)
         src = padded
     (view, perm), = _steps.moves(spec, fuse=True)[k]
     # The last view axis is contiguous on both sides: moved as wider words (numpy's
@@ -427,11 +447,16 @@ def load_layer(ckpt: Checkpoint, layer: MoELayer, *, prepare: bool, sharding=Non
     host_kernel = ckpt.kernel_scales(layer, host_scales)
     shapes = layer.spec.shapes(padded=False)
     targets = _targets(sharding, shapes)
-    host = _taken(host, progress) if host is not None else read_layer(
-        ckpt, layer, sharding=sharding, progress=progress,
-        prepare=prepare and layout_on_host(_devices(sharding)))
+    if host is None:
+        on_host = layout_on_host(_devices(sharding))
+        host = read_layer(ckpt, layer, sharding=sharding, progress=progress,
+                          prepare=prepare and on_host, padded=prepare and not on_host)
+    else:
+        host = _taken(host, progress)
     if host.prepared and not (prepare or layer.prepared):
         raise ValueError(f"{layer.prefix}: read in the kernel's layout, asked unprepared")
+    if not (prepare or layer.prepared) and [a.shape for a in host.arrays] != list(shapes):
+        raise ValueError(f"{layer.prefix}: read padded, asked unprepared")
     laid_out = host.prepared
     arrays = _to_device(host.arrays, [a.shape for a in host.arrays], targets, sharding)
     del host
@@ -580,16 +605,17 @@ def load(path, *, prepare: bool = True, sharding=None, layers=None) -> dict:
         flat = {}
         queue = [layer for _, moe, _ in groups for layer in moe]
         on_host = prepare and layout_on_host(_devices(sharding))
+        on_device = prepare and not on_host  # prepared there, in place: padded on the host
         with ReadAhead() as ahead:
             for _, moe, names in groups:
                 for name, x in read_tensors(ckpt, names).items():
                     flat[name] = jax.device_put(x, others)
                 for layer in moe:
                     host = ahead.take(layer.prefix) or read_layer(
-                        ckpt, layer, sharding=sharding, prepare=on_host)
+                        ckpt, layer, sharding=sharding, prepare=on_host, padded=on_device)
                     if (k := queue.index(layer) + 1) < len(queue):  # read while this one moves
                         ahead.start(queue[k].prefix, read_layer, ckpt, queue[k],
-                                    sharding=sharding, prepare=on_host)
+                                    sharding=sharding, prepare=on_host, padded=on_device)
                     flat[layer.prefix] = out = load_layer(ckpt, layer, prepare=prepare,
                                                           sharding=sharding, host=host)
                     del host
