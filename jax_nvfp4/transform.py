@@ -301,10 +301,10 @@ def _crop_sizes(valid: LayerSpec, local: LayerSpec, hidden_size, intermediate_si
 
 
 # What plan_job decided for arrays of one signature (shapes, dtypes, shardings) and one set
-# of arguments, options and installed backends: the checks of shapes and shardings passed,
-# and the backend, spec and program they gave, with the chunks and program per scratch
-# budget. A call that matches runs only the checks of the arrays themselves (tracers,
-# deleted, marked, copies) and reads free memory. Measured (benchmarks/fixed_cost.py, tiny
+# of arguments and options: the checks of shapes and shardings passed, and the backend, spec
+# and program they gave, with the chunks and program per scratch budget. A call that matches
+# runs only the checks of the arrays themselves (deleted, marked, copies), asks again which
+# backends import (decided again if that changed) and reads free memory. Measured (benchmarks/fixed_cost.py, tiny
 # layer): planning 0.07-0.2 ms of a 0.3-0.4 ms call before any reuse (H200), 0.03-0.06 ms of
 # a 0.12-0.16 ms call with it (H100, 4722b01).
 _PLANS: dict = {}
