@@ -304,9 +304,9 @@ def _crop_sizes(valid: LayerSpec, local: LayerSpec, hidden_size, intermediate_si
 # of arguments and options: the checks of shapes and shardings passed, and the backend, spec
 # and program they gave, with the chunks and program per scratch budget. A call that matches
 # runs only the checks of the arrays themselves (deleted, marked, copies), asks again which
-# backends import (decided again if that changed) and reads free memory. Measured (benchmarks/fixed_cost.py, tiny
-# layer): planning 0.07-0.2 ms of a 0.3-0.4 ms call before any reuse (H200), 0.03-0.06 ms of
-# a 0.12-0.16 ms call with it (H100, 4722b01).
+# backends import (decided again if that changed) and reads free memory. Measured
+# (benchmarks/fixed_cost.py, tiny layer): planning 0.07-0.2 ms of a 0.3-0.4 ms call before
+# any reuse (H200), 0.03-0.06 ms of a 0.12-0.16 ms call with it (H100, 4722b01).
 _PLANS: dict = {}
 _MAX_PLANS = 256
 
@@ -428,8 +428,8 @@ def plan_job(arrays, *, gated, donate, backend, chunk_bytes, inverse, where="",
         decided = _Decided(spec, valid, plan, crop, choice,
                            _budget(spec, chunk_bytes, None, options),  # (refused if bad)
                            arrays if sig is not None else None)
-        decided.environment = _environment(backend, inverse, decided.on_cuda, options)
-        if key is not None:
+        if key is not None:  # (compared when reused)
+            decided.environment = _environment(backend, inverse, decided.on_cuda, options)
             if len(_PLANS) >= _MAX_PLANS:
                 try:  # the oldest; another thread may be evicting too
                     _PLANS.pop(next(iter(_PLANS)), None)

@@ -376,10 +376,13 @@ class _Variant:
     def _in_options(self):
         return contextlib.nullcontext() if self.options is None else _options.using(self.options)
 
+    def _prepare_layer(self, *xs):
+        return _layer.prepare_layer(*xs, gated=self.spec.gated, backend=self.backend,
+                                    donate=self.donate)
+
     def call(self, *xs):
         with self._in_options():
-            return _layer.prepare_layer(*xs, gated=self.spec.gated, backend=self.backend,
-                                        donate=self.donate)
+            return self._prepare_layer(*xs)
 
     def plan(self):
         with self._in_options():
@@ -396,8 +399,7 @@ class _Variant:
         args = jax.block_until_ready(self.make())
         with self._in_options():  # (set outside the timed call)
             t0 = time.perf_counter()
-            jax.block_until_ready(_layer.prepare_layer(*args, gated=self.spec.gated,
-                                                       backend=self.backend, donate=self.donate))
+            jax.block_until_ready(self._prepare_layer(*args))
             self.wall.append(time.perf_counter() - t0)
 
     def time_device(self) -> None:
