@@ -227,7 +227,58 @@ def test_bench_io_reports_the_ratios(tmp_path):
         for step in ("load_host", "load_device"):
             assert steps[step]["ratio"] == steps[step]["s"] / steps["safetensors_read"]["s"]
         assert steps["convert_host"]["ratio"] > 0 and steps["load_raw"]["peak_rss_bytes"] >= 0
+        # no device statistics on CPU: no device column, rather than a zero
+        assert all(d["peak_device_bytes"] is None for d in steps.values())
+    assert "device +" not in r.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # temporaries removed
+
+
+class _FakeDevice:
+    """Bytes in use and JAX's never-reset peak, as ``bench.io._device_stats`` reads them."""
+
+    def __init__(self, in_use, peak):
+        self.in_use, self.peak = in_use, peak
+
+    def set(self, n):
+        self.in_use, self.peak = n, max(self.peak, n)
+
+    def stats(self):
+        return self.in_use, self.peak
+
+
+@pytest.mark.parametrize("scratch_s, earlier_peak", [(0.0, 0), (0.05, 10**6)])
+def test_bench_io_device_peak_is_the_scratch_beyond_input_and_result(scratch_s, earlier_peak):
+    import time
+
+    from jax_nvfp4.bench import io as bench_io
+
+    dev = _FakeDevice(1000, max(1000, earlier_peak))
+
+    def step():  # given 1000 bytes; 700 of scratch on top of a 300-byte result, then freed
+        dev.set(2000)
+        time.sleep(scratch_s)
+        dev.set(1300)
+        return "params"
+
+    # A new process peak is read exactly even if no poll saw it (scratch_s 0); under an
+    # earlier, higher peak only polling sees the scratch (held 50 ms here).
+    assert bench_io._device_peak(step, dev.stats) == 2000 - 1300
+    assert bench_io._device_peak(step, None) is None  # no statistics: None, not 0
+
+
+def test_bench_io_report_shows_the_device_peak_where_measured():
+    from jax_nvfp4.bench import io as bench_io
+
+    step = {"s": 0.5, "runs": [0.5], "gb_per_s": 2.0, "peak_rss_bytes": 10,
+            "peak_rss_layers": 1.0, "ratio": None}
+    res = {"bytes": 10**9, "layer_bytes": 10**8, "moe_layers": 2, "shape": None, "repeats": 1,
+           "cache": "warm", "steps": {"load": dict(step, peak_device_bytes=5 * 10**6,
+                                                   peak_device_layers=0.05),
+                                      "raw_read": dict(step, peak_device_bytes=None,
+                                                       peak_device_layers=None)}}
+    lines = bench_io.report([("x", res)]).splitlines()
+    assert "device + 0.05 layers" in next(x for x in lines if x.strip().startswith("load"))
+    assert "device" not in next(x for x in lines if "raw read" in x)
 
 
 def test_bench_io_row_errors():

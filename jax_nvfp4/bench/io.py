@@ -9,7 +9,10 @@ float8, which numpy lacks, through torch's reader, materialized), the same plus
 writing them back (``safetensors.torch.save_file`` and fsync), the raw read of the
 files (one thread, like ``cat``), ``load`` (MoE layers prepared, every array ready on
 device; and with ``prepare=False``) and ``convert`` (written and fsynced), with the
-peak RSS above the start of each, in units of the largest decoder layer's bytes.
+peak RSS above the start of each and, for load and convert on an accelerator, the peak
+device memory of their untimed pass above what it was given and what it returns (for
+``load``: the layout's scratch beyond the loaded params), both in units of the largest
+decoder layer's bytes.
 Ratios: load / read, convert / (read + write). Each time is the best of ``--repeats``.
 ``--layout both`` times load and convert with the layout made on the host and by
 ``prepare_layer`` on the device (``options.host_layout``).
@@ -161,25 +164,65 @@ def _rss() -> int:
         return 0
 
 
-class _PeakRSS:
-    """The peak RSS above the start while the block runs, sampled every millisecond."""
+def _device_stats():
+    """A function giving the default device's ``(bytes_in_use, peak_bytes_in_use)``, or None
+    where it keeps no statistics (CPU)."""
+    import jax
+
+    device = jax.devices()[0]
+    try:
+        if device.platform == "cpu" or not device.memory_stats():
+            return None
+    except Exception:  # noqa: BLE001 - a backend without statistics
+        return None
+
+    def now():
+        stats = device.memory_stats()
+        return int(stats["bytes_in_use"]), int(stats.get("peak_bytes_in_use", 0))
+    return now
+
+
+class _Peaks:
+    """While the block runs: the peak RSS above the start, sampled every millisecond, and
+    with ``device_stats`` (:func:`_device_stats`) the peak device memory above both the
+    start and the end (``device``, bytes; else None): what the block needed beyond what it
+    was given and what it returns (for ``load``: the layout's scratch, not the loaded
+    params). The device is polled every 0.1 ms, and read exactly where the block sets the
+    process's new peak (JAX's ``peak_bytes_in_use`` cannot be reset): a layer's scratch may
+    live for less than a poll."""
+
+    def __init__(self, device_stats=None):
+        self._stats = device_stats
 
     def __enter__(self):
         self.start = self.peak = _rss()
+        if self._stats is not None:
+            self._d_start, self._d_peak0 = self._stats()
+            self._d_peak = self._d_start
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self):
-        while not self._done.wait(0.001):
-            self.peak = max(self.peak, _rss())
+        k = 0
+        while not self._done.wait(1e-4):
+            if self._stats is not None:
+                self._d_peak = max(self._d_peak, self._stats()[0])
+            k += 1
+            if k % 10 == 0:
+                self.peak = max(self.peak, _rss())
 
     def __exit__(self, *exc):
         self._done.set()
         self._thread.join()
         self.peak = max(self.peak, _rss())
         self.above = self.peak - self.start
+        self.device = None
+        if self._stats is not None:
+            end, peak = self._stats()
+            top = max(self._d_peak, end, peak if peak > self._d_peak0 else 0)
+            self.device = top - max(self._d_start, end)
 
 
 def _evict(path: Path):
@@ -199,13 +242,24 @@ def _best(fn, repeats: int, before=None) -> tuple[float, list[float], int]:
     for _ in range(repeats):
         if before is not None:
             before()
-        with _PeakRSS() as rss:  # (the result, e.g. the loaded params, still held at the end)
+        with _Peaks() as peaks:  # (the result, e.g. the loaded params, still held at the end)
             t = time.perf_counter()
             out = fn()
             times.append(time.perf_counter() - t)
         del out
-        peak = max(peak, rss.above)
+        peak = max(peak, peaks.above)
     return min(times), times, peak
+
+
+def _device_peak(fn, device_stats) -> int | None:
+    """Run ``fn`` once, untimed (the warm-up: compiling, filling the page cache), and return
+    the peak device memory it needed above what it was given and what it returns (None
+    without ``device_stats``). Measured here rather than in the timed runs: a poll every
+    0.1 ms takes the GIL from the loader's threads."""
+    with _Peaks(device_stats) as peaks:
+        out = fn()
+    del out
+    return peaks.device
 
 
 # step -> (label, what it is compared with)
@@ -225,7 +279,8 @@ def measure(path, *, repeats: int = 2, tmp=None, skip=(), layout="auto",
     """Times (seconds, best of ``repeats``), GB/s, peak RSS and ratios for checkpoint ``path``.
 
     Returns ``{"bytes", "layer_bytes", "moe_layers", "shape", "steps": {step: {"s", "runs",
-    "gb_per_s", "peak_rss_bytes", "peak_rss_layers", "ratio"}}}``, steps as :data:`STEPS`
+    "gb_per_s", "peak_rss_bytes", "peak_rss_layers", "peak_device_bytes",
+    "peak_device_layers", "ratio"}}}``, steps as :data:`STEPS`
     (``ratio``: over the step it is compared with).
     """
     from .. import options as _options
@@ -256,10 +311,14 @@ def measure(path, *, repeats: int = 2, tmp=None, skip=(), layout="auto",
         if cold:
             _evict(path)
 
-    def timed(step, fn, before=clean if cold else None):
+    device_stats = _device_stats()
+
+    def timed(step, fn, before=clean if cold else None, device=None):
         t, runs, peak = _best(fn, repeats, before)
         steps[step] = {"s": t, "runs": runs, "gb_per_s": nbytes / t / 1e9,
-                       "peak_rss_bytes": peak, "peak_rss_layers": peak / layer_bytes}
+                       "peak_rss_bytes": peak, "peak_rss_layers": peak / layer_bytes,
+                       "peak_device_bytes": device,
+                       "peak_device_layers": None if device is None else device / layer_bytes}
 
     try:
         # untimed: the page cache filled (every step below reads warm files), programs compiled
@@ -268,19 +327,22 @@ def measure(path, *, repeats: int = 2, tmp=None, skip=(), layout="auto",
         timed("safetensors_read", lambda: _st_read(path))
         timed("safetensors_read_write", lambda: _st_read_write(path, work / "st"), clean)
         if "load" not in skip:
-            _load_params(path, prepare=False)
-            timed("load_raw", lambda: _load_params(path, prepare=False))
+            device = _device_peak(lambda: _load_params(path, prepare=False), device_stats)
+            timed("load_raw", lambda: _load_params(path, prepare=False), device=device)
         for suffix, host in layouts:
             with _options.override(host_layout=host):
                 if "convert" not in skip:
                     clean()
-                    _convert.convert(path, work / "warm", progress=False)
+                    device = _device_peak(lambda: _convert.convert(path, work / "warm",
+                                                                   progress=False), device_stats)
                     timed("convert" + suffix, lambda: _convert.convert(path, work / "dst",
-                                                                       progress=False), clean)
+                                                                       progress=False), clean,
+                          device)
                 clean()
                 if "load" not in skip:
-                    _load_params(path)  # compiles prepare_layer for these shapes
-                    timed("load" + suffix, lambda: _load_params(path))
+                    # (compiles prepare_layer for these shapes)
+                    device = _device_peak(lambda: _load_params(path), device_stats)
+                    timed("load" + suffix, lambda: _load_params(path), device=device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for step, d in steps.items():
@@ -306,8 +368,11 @@ def report(rows: list[tuple[str, dict]]) -> str:
                      else "")
             per_layer = (f"{1e3 * d['s'] / res['moe_layers']:7.2f} ms a layer  "
                          if res["moe_layers"] else "")
+            device = (f"device +{d['peak_device_layers']:5.2f} layers  "
+                      if d.get("peak_device_layers") is not None else "")
             lines.append(f"  {label:<33} {d['s']:8.3f} s {d['gb_per_s']:6.2f} GB/s  "
-                         f"{per_layer}peak RSS +{d['peak_rss_layers']:5.2f} layers  {ratio}")
+                         f"{per_layer}peak RSS +{d['peak_rss_layers']:5.2f} layers  {device}"
+                         f"{ratio}")
     lines += _scaling(rows)
     return "\n".join(lines)
 
