@@ -37,6 +37,8 @@ from ..testing import random_device_layer
 
 # name: (E, H, I, gated). Padded ones: Qwen3-30B TP8's I = 96 -> 128 (gated: each half a
 # multiple of 64), Nemotron-3-Nano's H = 2688 -> 2816 (hidden_alignment=256), I = 1856 -> 1920.
+# "-loaded": that layer as `load` gives it to prepare_layer on an accelerator, zero-padded on
+# the host (checkpoint.load.pad_into): in place, one chunk of scratch.
 SHAPES = {
     "deepseek-v3": (256, 7168, 2048, True),
     "deepseek-v3-tp8": (256, 7168, 256, True),
@@ -45,6 +47,7 @@ SHAPES = {
     "qwen3-30b-a3b": (128, 2048, 768, True),
     "qwen3-30b-a3b-tp8": (128, 2048, 96, True),
     "nemotron-3-nano": (128, 2688, 1856, False),
+    "nemotron-3-nano-loaded": (128, 2816, 1920, False),
     "tiny": (8, 256, 128, True),  # 1.3 MiB: the time of a call is its fixed cost
 }
 CPU_SHAPES = {"cpu-small": (8, 256, 128, True), "cpu-tp": (16, 512, 64, True),
