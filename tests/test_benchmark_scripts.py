@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -45,6 +49,34 @@ def test_refuses_without_a_gpu(name, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"{name}: ") and SCRIPTS[name] in err and "cpu" in err
     assert not out.exists()
+
+
+def _gpu_test_groups() -> list[list[str]]:
+    text = (BENCHMARKS / "gpu_tests.sh").read_text()
+    body = text[text.index("groups=("):text.index(")", text.index("groups=("))]
+    return [g.split() for g in re.findall(r'"([^"]+)"', body)]
+
+
+def test_gpu_tests_sh_runs_every_file_with_gpu_tests_once():
+    tests = Path(__file__).resolve().parent
+    marked = sorted(f"tests/{p.name}" for p in tests.glob("test_*.py")
+                    if re.search(r"pytest\.mark\.gpu\b", p.read_text()))
+    grouped = [f for g in _gpu_test_groups() for f in g]
+    assert len(_gpu_test_groups()) > 1 and sorted(grouped) == marked
+
+
+@pytest.mark.skipif(ON_GPU, reason="runs the GPU tests themselves on a GPU")
+def test_gpu_tests_sh_reports_each_group(tmp_path):
+    # off a GPU every gpu test is skipped: each group must still run and report
+    r = subprocess.run(["bash", str(BENCHMARKS / "gpu_tests.sh"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == len(_gpu_test_groups())
+    for k, line in enumerate(lines):
+        assert line.startswith(f"group {k} (") and "rc=0" in line and "skipped" in line, line
+        assert "needs a CUDA device" in (tmp_path / f"gpu-tests-{k}.log").read_text()
 
 
 def test_fixed_cost_small_run_reports_every_part(tmp_path):
