@@ -234,7 +234,9 @@ def test_bench_io_reports_the_ratios(tmp_path):
 
 
 class _FakeDevice:
-    """Bytes in use and JAX's never-reset peak, as ``bench.io._device_stats`` reads them."""
+    """A GPU's bytes in use and JAX's never-reset peak, as ``memory_stats`` gives them."""
+
+    platform = "gpu"
 
     def __init__(self, in_use, peak):
         self.in_use, self.peak = in_use, peak
@@ -242,8 +244,8 @@ class _FakeDevice:
     def set(self, n):
         self.in_use, self.peak = n, max(self.peak, n)
 
-    def stats(self):
-        return self.in_use, self.peak
+    def memory_stats(self):
+        return {"bytes_in_use": self.in_use, "peak_bytes_in_use": self.peak}
 
 
 @pytest.mark.parametrize("scratch_s, earlier_peak", [(0.0, 0), (0.05, 10**6)])
@@ -262,8 +264,8 @@ def test_bench_io_device_peak_is_the_scratch_beyond_input_and_result(scratch_s, 
 
     # A new process peak is read exactly even if no poll saw it (scratch_s 0); under an
     # earlier, higher peak only polling sees the scratch (held 50 ms here).
-    assert bench_io._device_peak(step, dev.stats) == 2000 - 1300
-    assert bench_io._device_peak(step, None) is None  # no statistics: None, not 0
+    assert bench_io._device_peak(step, dev) == 2000 - 1300
+    assert bench_io._device_peak(step, jax.devices("cpu")[0]) is None  # no statistics: None, not 0
 
 
 def test_bench_io_report_shows_the_device_peak_where_measured():

@@ -164,65 +164,25 @@ def _rss() -> int:
         return 0
 
 
-def _device_stats():
-    """A function giving the default device's ``(bytes_in_use, peak_bytes_in_use)``, or None
-    where it keeps no statistics (CPU)."""
-    import jax
-
-    device = jax.devices()[0]
-    try:
-        if device.platform == "cpu" or not device.memory_stats():
-            return None
-    except Exception:  # noqa: BLE001 - a backend without statistics
-        return None
-
-    def now():
-        stats = device.memory_stats()
-        return int(stats["bytes_in_use"]), int(stats.get("peak_bytes_in_use", 0))
-    return now
-
-
-class _Peaks:
-    """While the block runs: the peak RSS above the start, sampled every millisecond, and
-    with ``device_stats`` (:func:`_device_stats`) the peak device memory above both the
-    start and the end (``device``, bytes; else None): what the block needed beyond what it
-    was given and what it returns (for ``load``: the layout's scratch, not the loaded
-    params). The device is polled every 0.1 ms, and read exactly where the block sets the
-    process's new peak (JAX's ``peak_bytes_in_use`` cannot be reset): a layer's scratch may
-    live for less than a poll."""
-
-    def __init__(self, device_stats=None):
-        self._stats = device_stats
+class _PeakRSS:
+    """The peak RSS above the start while the block runs, sampled every millisecond."""
 
     def __enter__(self):
         self.start = self.peak = _rss()
-        if self._stats is not None:
-            self._d_start, self._d_peak0 = self._stats()
-            self._d_peak = self._d_start
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self):
-        k = 0
-        while not self._done.wait(1e-4):
-            if self._stats is not None:
-                self._d_peak = max(self._d_peak, self._stats()[0])
-            k += 1
-            if k % 10 == 0:
-                self.peak = max(self.peak, _rss())
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, _rss())
 
     def __exit__(self, *exc):
         self._done.set()
         self._thread.join()
         self.peak = max(self.peak, _rss())
         self.above = self.peak - self.start
-        self.device = None
-        if self._stats is not None:
-            end, peak = self._stats()
-            top = max(self._d_peak, end, peak if peak > self._d_peak0 else 0)
-            self.device = top - max(self._d_start, end)
 
 
 def _evict(path: Path):
@@ -242,24 +202,38 @@ def _best(fn, repeats: int, before=None) -> tuple[float, list[float], int]:
     for _ in range(repeats):
         if before is not None:
             before()
-        with _Peaks() as peaks:  # (the result, e.g. the loaded params, still held at the end)
+        with _PeakRSS() as rss:  # (the result, e.g. the loaded params, still held at the end)
             t = time.perf_counter()
             out = fn()
             times.append(time.perf_counter() - t)
         del out
-        peak = max(peak, peaks.above)
+        peak = max(peak, rss.above)
     return min(times), times, peak
 
 
-def _device_peak(fn, device_stats) -> int | None:
+def _device_peak(fn, device=None) -> int | None:
     """Run ``fn`` once, untimed (the warm-up: compiling, filling the page cache), and return
-    the peak device memory it needed above what it was given and what it returns (None
-    without ``device_stats``). Measured here rather than in the timed runs: a poll every
-    0.1 ms takes the GIL from the loader's threads."""
-    with _Peaks(device_stats) as peaks:
+    the peak memory of ``device`` (default: JAX's first) while it ran above both what it was
+    given and what it returns (for ``load``: the layout's scratch, not the loaded params);
+    None where the device keeps no statistics (CPU). Polled by the layout bench's poller,
+    and read exactly where ``fn`` sets the process's new peak (JAX's ``peak_bytes_in_use``
+    cannot be reset): a layer's scratch may live for less than a poll. Measured here rather
+    than in the timed runs: the poll takes the GIL from the loader's threads."""
+    import jax
+
+    from .layout import _Poller
+
+    poller = _Poller(device if device is not None else jax.devices()[0])
+    if not poller.ok:
+        fn()
+        return None
+    before = int(poller.device.memory_stats().get("peak_bytes_in_use", 0))
+    with poller:
         out = fn()
+    stats = poller.device.memory_stats()  # (the result still held)
+    end, after = int(stats["bytes_in_use"]), int(stats.get("peak_bytes_in_use", 0))
     del out
-    return peaks.device
+    return max(poller.peak, end, after if after > before else 0) - max(poller.base, end)
 
 
 # step -> (label, what it is compared with)
@@ -311,8 +285,6 @@ def measure(path, *, repeats: int = 2, tmp=None, skip=(), layout="auto",
         if cold:
             _evict(path)
 
-    device_stats = _device_stats()
-
     def timed(step, fn, before=clean if cold else None, device=None):
         t, runs, peak = _best(fn, repeats, before)
         steps[step] = {"s": t, "runs": runs, "gb_per_s": nbytes / t / 1e9,
@@ -327,21 +299,21 @@ def measure(path, *, repeats: int = 2, tmp=None, skip=(), layout="auto",
         timed("safetensors_read", lambda: _st_read(path))
         timed("safetensors_read_write", lambda: _st_read_write(path, work / "st"), clean)
         if "load" not in skip:
-            device = _device_peak(lambda: _load_params(path, prepare=False), device_stats)
+            device = _device_peak(lambda: _load_params(path, prepare=False))
             timed("load_raw", lambda: _load_params(path, prepare=False), device=device)
         for suffix, host in layouts:
             with _options.override(host_layout=host):
                 if "convert" not in skip:
                     clean()
                     device = _device_peak(lambda: _convert.convert(path, work / "warm",
-                                                                   progress=False), device_stats)
+                                                                   progress=False))
                     timed("convert" + suffix, lambda: _convert.convert(path, work / "dst",
                                                                        progress=False), clean,
                           device)
                 clean()
                 if "load" not in skip:
                     # (compiles prepare_layer for these shapes)
-                    device = _device_peak(lambda: _load_params(path), device_stats)
+                    device = _device_peak(lambda: _load_params(path))
                     timed("load" + suffix, lambda: _load_params(path), device=device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
